@@ -1,0 +1,373 @@
+"""The checkpoint contract: commit protocol, discovery, verification, fallback, rotation.
+
+Layout under ``ckpt_path``::
+
+    global_step<N>/        a committed checkpoint: engine folders, train_state.json, manifest.json
+    .tmp-global_step<N>/   a save in progress (removed at the next start if a crash left it)
+    latest                 names the newest committed step (a convenience; discovery scans folders)
+
+A folder counts as a checkpoint only once it is named ``global_step<N>`` and holds a manifest,
+and it is only ever named so by an atomic rename after every file and the manifest are fsynced.
+The manager knows files and ranks, not algorithms: engines are written and read by callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from openrl_ckpt.checkpoint.comm import Comm
+from openrl_ckpt.checkpoint.faults import fault_point
+from openrl_ckpt.checkpoint.state import STATE_FILE, TrainState, capture_rng
+from openrl_ckpt.errors import UserError
+
+log = logging.getLogger("openrl_ckpt")
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+STEP_DIR = re.compile(r"^global_step(\d+)$")
+TMP_PREFIX = ".tmp-"
+DEL_PREFIX = ".del-"
+HASH_ALGO = "crc32"
+_CHUNK = 8 << 20
+
+
+class CheckpointError(Exception):
+    """A save or load that failed for a reason outside the user's flags (I/O, damage)."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"global_step{step}"
+
+
+def file_checksum(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+        os.fsync(f.fileno())  # flushes this file's dirty pages too (Linux allows it on a read fd)
+    return f"{crc:08x}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see either the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def list_files(root: Path) -> list[str]:
+    """Every regular file below root, as sorted relative posix paths (the manifest itself excluded)."""
+    out = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
+    """The manifest, or CheckpointError saying why it can't be used."""
+    try:
+        manifest = json.loads((ckpt_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir}: no {MANIFEST}") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_dir}/{MANIFEST}: unreadable ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{ckpt_dir}/{MANIFEST}: not a manifest")
+    return manifest
+
+
+def check_files(ckpt_dir: Path, files: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    """Problems found in ``names`` (a subset of the manifest's files): missing, size, checksum."""
+    problems = []
+    for name in names:
+        want = files[name]
+        path = ckpt_dir / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{name}: missing")
+            continue
+        if size != want["size"]:
+            problems.append(f"{name}: size {size} != {want['size']}")
+        elif file_checksum(path) != want[HASH_ALGO]:
+            problems.append(f"{name}: {HASH_ALGO} mismatch")
+    return problems
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += (Path(dirpath) / name).stat().st_size
+            except OSError:
+                pass
+    return total
+
+
+def plan_rotation(
+    committed: list[tuple[int, int]], keep: int, max_num: int, max_bytes: float, pinned: frozenset[int] = frozenset()
+) -> list[int]:
+    """Steps to delete, oldest first, until at most ``max_num`` remain within ``max_bytes``.
+
+    ``committed`` is (step, size in bytes) for every committed checkpoint. The checkpoint
+    just written (``keep``) and pinned ones are never deleted, so at least one always remains.
+    """
+    alive = sorted(committed)
+    doomed: list[int] = []
+    for step, size in alive:
+        count = len(alive) - len(doomed)
+        total = sum(s for st, s in alive if st not in doomed)
+        if count <= max_num and total <= max_bytes:
+            break
+        if step == keep or step in pinned:
+            continue
+        doomed.append(step)
+    return doomed
+
+
+@dataclass(frozen=True)
+class Resumed:
+    step: int
+    path: Path
+    state: TrainState
+
+
+class CheckpointManager:
+    """Save, find and rotate checkpoints; every public method is called on all ranks together.
+
+    File-system steps (create, manifest, rename, rotate) are done by one *leader* per storage:
+    global rank 0 on shared storage, and the lowest rank of each node that cannot see rank 0's
+    files on node-local storage. Checksums are split across the ranks that share a storage.
+    """
+
+    def __init__(self, ckpt_path: str, comm: Comm, *, max_ckpt_num: int, max_ckpt_mem_gb: float) -> None:
+        if max_ckpt_num < 1:
+            raise UserError(f"--max_ckpt_num must be at least 1, got {max_ckpt_num}")
+        if max_ckpt_mem_gb <= 0:
+            raise UserError(f"--max_ckpt_mem must be positive (GB), got {max_ckpt_mem_gb}")
+        self.root = Path(ckpt_path)
+        self.comm = comm
+        self.max_ckpt_num = max_ckpt_num
+        self.max_bytes = max_ckpt_mem_gb * 1e9
+        self._group: list[int] = [comm.rank]
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def is_leader(self) -> bool:
+        return self._group[0] == self.comm.rank
+
+    def prepare(self) -> None:
+        """Create the folder, find which ranks share storage, remove what a crash left behind."""
+        err = None
+        if self.comm.rank == 0:
+            if self.root.exists() and not self.root.is_dir():
+                err = f"--ckpt_path {self.root} exists and is not a directory"
+            else:
+                err = self._try(lambda: self.root.mkdir(parents=True, exist_ok=True), "create")
+        err = self.comm.broadcast_object(err)
+        if err:
+            raise UserError(err)
+        self._find_storage_groups()
+        if self.is_leader:
+            for child in self.root.iterdir():
+                if child.is_dir() and child.name.startswith((TMP_PREFIX, DEL_PREFIX)):
+                    log.warning("removing %s left by an interrupted save", child)
+                    shutil.rmtree(child, ignore_errors=True)
+        self.comm.barrier()
+
+    def _try(self, fn: Callable[[], object], what: str) -> str | None:
+        try:
+            fn()
+        except OSError as e:
+            return f"--ckpt_path {self.root}: cannot {what} ({e.strerror or e})"
+        return None
+
+    def _find_storage_groups(self) -> None:
+        if self.comm.world_size == 1:
+            return
+        nonce = uuid.uuid4().hex if self.comm.rank == 0 else None
+        probe = self.root / f".probe-{self.comm.broadcast_object(nonce)}"
+        if self.comm.rank == 0:
+            probe.write_text("probe")
+        self.comm.barrier()
+        key = "shared" if probe.exists() else socket.gethostname()
+        keys = self.comm.all_gather_object(key)
+        self.comm.barrier()
+        if self.comm.rank == 0:
+            probe.unlink(missing_ok=True)
+        self._group = [r for r, k in enumerate(keys) if k == key]
+
+    # ------------------------------------------------------------------ discovery
+    def committed_steps(self) -> list[int]:
+        """Steps of committed folders (named global_step<N> and holding a manifest), newest first."""
+        if not self.root.is_dir():
+            return []
+        steps = []
+        for child in self.root.iterdir():
+            m = STEP_DIR.match(child.name)
+            if m and child.is_dir() and (child / MANIFEST).exists():
+                steps.append(int(m.group(1)))
+        return sorted(steps, reverse=True)
+
+    def _verify(self, ckpt_dir: Path) -> list[str]:
+        """Collective: every rank of a storage group checks its share of the files."""
+        try:
+            manifest = read_manifest(ckpt_dir)
+            names = sorted(manifest["files"], key=lambda n: -manifest["files"][n]["size"])
+            mine = names[self._group.index(self.comm.rank) :: len(self._group)]
+            problems = check_files(ckpt_dir, manifest["files"], mine)
+        except CheckpointError as e:
+            problems = [str(e)]
+        gathered = self.comm.all_gather_object(problems)
+        return sorted({p for ps in gathered for p in ps})
+
+    def find_resumable(self) -> Resumed | None:
+        """The newest checkpoint that verifies, falling back past damaged ones with a warning."""
+        candidates = self.comm.broadcast_object(self.committed_steps() if self.comm.rank == 0 else None)
+        for step in candidates:
+            path = self.root / step_dir_name(step)
+            problems = self._verify(path)
+            if problems:
+                if self.comm.rank == 0:
+                    log.warning("checkpoint %s is damaged, skipping it: %s", path, "; ".join(problems[:5]))
+                continue
+            try:
+                state = TrainState.from_json((path / STATE_FILE).read_text())
+            except (OSError, ValueError, TypeError) as e:
+                if self.comm.rank == 0:
+                    log.warning("checkpoint %s has an unreadable %s (%s), skipping it", path, STATE_FILE, e)
+                continue
+            return Resumed(step=step, path=path, state=state)
+        return None
+
+    # ------------------------------------------------------------------ save
+    def save(
+        self,
+        state: TrainState,
+        write_engines: Callable[[Path], None],
+        meta: dict[str, Any],
+        pinned: frozenset[int] = frozenset(),
+    ) -> Path:
+        """Write, verify and commit ``global_step<state.global_step>``; then rotate.
+
+        Any crash before the rename leaves only a ``.tmp-`` folder; the previous committed
+        checkpoint is never touched until the new one is committed.
+        """
+        step = state.global_step
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
+        started = time.perf_counter()
+
+        self._leader_fs(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir()), tmp, "create")
+        write_engines(tmp)
+        fault_point("after_engines", step)
+
+        # Every rank's RNG goes into the one JSON state file.
+        state.rng = self.comm.all_gather_object(capture_rng())
+        state.world_size = self.comm.world_size
+        self._leader_fs(lambda: write_atomic(tmp / STATE_FILE, state.to_json()), tmp, "write train state")
+
+        # Each rank lists its own storage (node-local storage differs per node) and hashes its share.
+        names = sorted(list_files(tmp), key=lambda n: -(tmp / n).stat().st_size)
+        mine = names[self._group.index(self.comm.rank) :: len(self._group)]
+        sums = {n: {"size": (tmp / n).stat().st_size, HASH_ALGO: file_checksum(tmp / n)} for n in mine}
+        parts = self.comm.all_gather_object(sums)
+        files: dict[str, Any] = {}
+        for r in self._group:
+            files.update(parts[r])
+        manifest = {
+            "format": 1,
+            "step": step,
+            "hash": HASH_ALGO,
+            "created_unix": time.time(),
+            "total_bytes": sum(f["size"] for f in files.values()),
+            "files": dict(sorted(files.items())),
+            "meta": meta,
+        }
+        fault_point("before_commit", step)
+
+        def commit() -> None:
+            write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            for dirpath, _, _ in os.walk(tmp):
+                _fsync_dir(Path(dirpath))
+            if final.exists():  # a step saved twice (e.g. a rerun after a crash at commit): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            write_atomic(self.root / LATEST, step_dir_name(step) + "\n")
+
+        self._leader_fs(commit, tmp, "commit")
+        fault_point("after_commit", step)
+        if self.comm.rank == 0:
+            log.info("saved checkpoint %s (%.2f GB, %.2fs)", final, manifest["total_bytes"] / 1e9,
+                     time.perf_counter() - started)
+        self.rotate(keep=step, pinned=pinned)
+        return final
+
+    def _leader_fs(self, fn: Callable[[], object], tmp: Path, what: str) -> None:
+        """Run a file-system step on the leaders; if any fails, all ranks raise the same error."""
+        err = None
+        if self.is_leader:
+            try:
+                fn()
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                err = f"checkpoint save failed: cannot {what} in {tmp} ({e.strerror or e})"
+        errors = [e for e in self.comm.all_gather_object(err) if e]
+        if errors:
+            raise CheckpointError(errors[0])
+
+    # ------------------------------------------------------------------ rotation
+    def rotate(self, keep: int, pinned: frozenset[int] = frozenset()) -> list[int]:
+        """Delete the oldest committed checkpoints beyond --max_ckpt_num / --max_ckpt_mem."""
+        doomed: list[int] = []
+        if self.is_leader:
+            committed = [(s, self._size(s)) for s in self.committed_steps()]
+            doomed = plan_rotation(committed, keep, self.max_ckpt_num, self.max_bytes, pinned)
+            for s in doomed:
+                path = self.root / step_dir_name(s)
+                # Un-commit by rename first: a crash mid-delete never leaves a half folder that looks committed.
+                trash = self.root / f"{DEL_PREFIX}{path.name}"
+                os.rename(path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                log.info("rotated out checkpoint %s", path)
+            total = sum(size for s, size in committed if s not in doomed)
+            if total > self.max_bytes:
+                log.warning("checkpoints in %s take %.2f GB, above --max_ckpt_mem %.2f GB, but the newest "
+                            "is always kept", self.root, total / 1e9, self.max_bytes / 1e9)
+        self.comm.barrier()
+        return doomed
+
+    def _size(self, step: int) -> int:
+        path = self.root / step_dir_name(step)
+        try:
+            return int(read_manifest(path).get("total_bytes") or dir_size(path))
+        except CheckpointError:
+            return dir_size(path)

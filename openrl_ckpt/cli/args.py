@@ -1,0 +1,122 @@
+"""The shared flag groups (OpenRLHF's names), and the CLI wrapper that turns user errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable, NoReturn
+
+from openrl_ckpt.errors import UserError
+
+log = logging.getLogger("openrl_ckpt")
+
+
+def _is_rank_0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (printed once, by rank 0)."""
+
+    def error(self, message: str) -> NoReturn:
+        if _is_rank_0():
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    p.add_argument(name, action="store_true", default=False, help=help)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrain", required=True, help="Hugging Face model folder or hub id")
+    bool_flag(g, "--bf16", "train in bfloat16 (fp32 master weights in the optimizer)")
+    bool_flag(g, "--flash_attn", "use Flash Attention 2 (needs the flash-attn package)")
+    g.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    bool_flag(g, "--gradient_checkpointing", "recompute activations in backward to save memory")
+    g.add_argument("--aux_loss_coef", type=float, default=0.0, help="MoE load-balancing loss weight")
+    g.add_argument("--lora_rank", type=int, default=0, help="> 0 enables LoRA (PEFT)")
+    g.add_argument("--lora_alpha", type=int, default=16)
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--target_modules", default="all-linear", help="comma-separated module names, or all-linear")
+    bool_flag(g, "--load_in_4bit", "QLoRA through bitsandbytes (CUDA only)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, help="comma-separated files (json, jsonl, parquet, csv), "
+                   "save_to_disk folders or hub names")
+    g.add_argument("--dataset_probs", default=None, help="comma-separated mixing probabilities")
+    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--eval_dataset", default=None)
+    g.add_argument("--eval_split", default="train")
+    g.add_argument("--max_samples", type=int, default=None, help="use at most this many training rows")
+    g.add_argument("--max_len", type=int, default=2048, help="max tokens per sample (longer ones are truncated)")
+    g.add_argument("--input_key", default="input")
+    g.add_argument("--output_key", default=None)
+    g.add_argument("--input_template", default=None, help="e.g. 'User: {}\\nAssistant: '")
+    bool_flag(g, "--apply_chat_template", "render rows with the tokenizer's chat template")
+    g.add_argument("--tokenizer_chat_template", default=None, help="a Jinja chat template, or a file holding one")
+    bool_flag(g, "--packing_samples", "pack each micro batch into one row (no padding)")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--zero_stage", type=int, default=2)
+    bool_flag(g, "--adam_offload", "keep Adam states on the CPU (DeepSpeedCPUAdam)")
+    g.add_argument("--micro_train_batch_size", type=int, default=8, help="batch size per rank per forward")
+    g.add_argument("--train_batch_size", type=int, default=128, help="global batch size per optimizer step")
+    g.add_argument("--max_epochs", type=int, default=2)
+    g.add_argument("--learning_rate", type=float, default=5e-6)
+    g.add_argument("--l2", type=float, default=0.0, help="weight decay")
+    g.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--lr_scheduler", default="cosine_with_min_lr")
+    g.add_argument("--lr_warmup_ratio", type=float, default=0.03)
+    g.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--logging_steps", type=int, default=1)
+    g.add_argument("--eval_steps", type=int, default=-1, help="-1: evaluate once per epoch")
+    g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+
+
+def add_ckpt_args(p: argparse.ArgumentParser, default_ckpt: str) -> None:
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save_path", default="./ckpt/model", help="final Hugging Face model folder")
+    g.add_argument("--save_steps", type=int, default=-1, help="steps between checkpoints; -1: none in between")
+    g.add_argument("--ckpt_path", default=default_ckpt)
+    bool_flag(g, "--load_checkpoint", "resume from the newest valid checkpoint in --ckpt_path, if any")
+    g.add_argument("--max_ckpt_num", type=int, default=3)
+    g.add_argument("--max_ckpt_mem", type=float, default=1e8, help="GB that checkpoints may take")
+
+
+def add_logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument("--use_wandb", default=None, help="a wandb API key, or True to use the logged-in account")
+    g.add_argument("--wandb_org", default=None)
+    g.add_argument("--wandb_group", default=None)
+    g.add_argument("--wandb_project", default="openrl_ckpt")
+    g.add_argument("--wandb_run_name", default=None)
+    g.add_argument("--use_tensorboard", default=None, help="a log folder for tensorboard")
+
+
+def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run a CLI main: user errors become ``error: ...`` on one line and a non-zero exit."""
+    from openrl_ckpt.checkpoint.manager import CheckpointError
+
+    try:
+        main(argv)
+    except UserError as e:
+        if _is_rank_0():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,106 @@
+"""Supervised fine-tuning.
+
+    deepspeed --module openrl_ckpt.cli.train_sft --pretrain DIR --dataset data.jsonl \
+        --input_key question --output_key response --save_steps 50 --ckpt_path ./ckpt --load_checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+from openrl_ckpt.cli import args as A
+from openrl_ckpt.data.collate import pack_collate, pad_collate
+from openrl_ckpt.data.loading import load_blended_dataset
+from openrl_ckpt.data.sampler import steps_per_epoch
+from openrl_ckpt.data.sft_dataset import build_sft_dataset
+from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, check_input_template
+from openrl_ckpt.errors import UserError
+from openrl_ckpt.models.actor import ModelConfig, load_causal_lm, load_tokenizer, model_fingerprint
+from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, OptimConfig, StrategyConfig
+from openrl_ckpt.trainers.base import LoopConfig, Trainer, TrackerConfig
+from openrl_ckpt.trainers.sft import SFTAlgorithm
+from openrl_ckpt.utils.tracking import setup_logging
+
+log = logging.getLogger("openrl_ckpt")
+
+
+def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
+    p = A.Parser(prog="train_sft", description=__doc__.splitlines()[0])
+    A.add_model_args(p)
+    A.add_data_args(p)
+    A.add_train_args(p)
+    A.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_sft")
+    A.add_logging_args(p)
+    g = p.add_argument_group("sft")
+    A.bool_flag(g, "--pretrain_mode", "continued pre-training: loss on every token, --output_key optional")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.output_key is None and not args.pretrain_mode and not args.apply_chat_template:
+        raise UserError("--output_key is required (or --pretrain_mode, or --apply_chat_template on a messages column)")
+    check_input_template(args.input_template)
+
+    # 1. strategy: process group and batch arithmetic
+    strategy = DeepspeedStrategy(StrategyConfig(
+        seed=args.seed, zero_stage=args.zero_stage, bf16=args.bf16, micro_train_batch_size=args.micro_train_batch_size,
+        train_batch_size=args.train_batch_size, max_norm=args.max_norm, adam_offload=args.adam_offload))
+    strategy.setup_distributed()
+    setup_logging(strategy.rank)
+
+    # 2. tokenizer and data (before the model: bad data fails in seconds)
+    tokenizer = load_tokenizer(args.pretrain)
+    apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
+    template = TemplateConfig(input_key=args.input_key, output_key=args.output_key,
+                              input_template=args.input_template, apply_chat_template=args.apply_chat_template)
+    build = partial(build_sft_dataset, tokenizer=tokenizer, cfg=template, max_len=args.max_len,
+                    pretrain_mode=args.pretrain_mode)
+    raw = load_blended_dataset(args.dataset, args.dataset_probs, seed=args.seed, max_samples=args.max_samples,
+                               split=args.dataset_split)
+    train_set, stats = build(raw, source=args.dataset)
+    log.info("train data: %s", stats)
+    eval_set = None
+    if args.eval_dataset:
+        eval_raw = load_blended_dataset(args.eval_dataset, None, seed=args.seed, split=args.eval_split,
+                                        flag="--eval_dataset")
+        eval_set, eval_stats = build(eval_raw, source=args.eval_dataset)
+        log.info("eval data: %s", eval_stats)
+
+    # 3. model
+    strategy.before_model_load()
+    model = load_causal_lm(ModelConfig(
+        pretrain=args.pretrain, bf16=args.bf16, flash_attn=args.flash_attn,
+        attn_implementation=args.attn_implementation, gradient_checkpointing=args.gradient_checkpointing,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=args.target_modules, load_in_4bit=args.load_in_4bit, aux_loss_coef=args.aux_loss_coef))
+    fingerprint = model_fingerprint(model)
+
+    # 4. prepare: engine with optimizer and schedule over the whole run
+    loop = LoopConfig(algorithm="sft", max_epochs=args.max_epochs, seed=args.seed, ckpt_path=args.ckpt_path,
+                      logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
+                      load_checkpoint=args.load_checkpoint, max_ckpt_num=args.max_ckpt_num,
+                      max_ckpt_mem=args.max_ckpt_mem)
+    engine = strategy.prepare(model, OptimConfig(
+        learning_rate=args.learning_rate, weight_decay=args.l2, betas=tuple(args.adam_betas),
+        lr_scheduler=args.lr_scheduler, lr_warmup_ratio=args.lr_warmup_ratio),
+        steps_per_epoch(len(train_set), args.train_batch_size) * args.max_epochs)
+
+    # 5. resume + fit
+    collate = pack_collate if args.packing_samples else partial(pad_collate, pad_token_id=tokenizer.pad_token_id)
+    trainer = Trainer(
+        strategy, engine, SFTAlgorithm(engine, strategy.device, args.aux_loss_coef), train_set, collate, loop,
+        TrackerConfig(use_wandb=args.use_wandb, wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name,
+                      wandb_group=args.wandb_group, wandb_org=args.wandb_org, use_tensorboard=args.use_tensorboard,
+                      run_config=vars(args)),
+        fingerprint, eval_set=eval_set, eval_collate=partial(pad_collate, pad_token_id=tokenizer.pad_token_id),
+        ckpt_meta={"pretrain": args.pretrain})
+    trainer.fit()
+
+    # 6. export
+    strategy.save_model(engine, tokenizer, args.save_path)
+
+
+if __name__ == "__main__":
+    A.run(main)

@@ -1,0 +1,122 @@
+"""Loading causal LMs and tokenizers, with clear errors for the usual mistakes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from openrl_ckpt.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pretrain: str
+    bf16: bool = False
+    flash_attn: bool = False
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: str = "all-linear"
+    load_in_4bit: bool = False
+    aux_loss_coef: float = 0.0
+
+
+def _check_pretrain(pretrain: str) -> None:
+    path = Path(pretrain)
+    looks_local = path.exists() or pretrain.startswith((".", "/", "~")) or pretrain.count("/") > 1
+    if not looks_local:
+        return  # a hub id: transformers says what is wrong if it can't be fetched
+    if not path.is_dir():
+        raise UserError(f"--pretrain {pretrain}: no such directory")
+    if not (path / "config.json").exists():
+        raise UserError(f"--pretrain {pretrain}: holds no model (no config.json)")
+
+
+def attn_implementation(cfg: ModelConfig) -> str:
+    if not cfg.flash_attn:
+        return cfg.attn_implementation
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        raise UserError("--flash_attn needs the flash-attn package (pip install 'openrl_ckpt[gpu]' on a CUDA "
+                        "machine); drop the flag to use PyTorch's sdpa attention") from None
+    return "flash_attention_2"
+
+
+def load_tokenizer(pretrain: str, padding_side: str = "right") -> Any:
+    from transformers import AutoTokenizer
+
+    _check_pretrain(pretrain)
+    try:
+        tok = AutoTokenizer.from_pretrained(pretrain, padding_side=padding_side)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--pretrain {pretrain}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig) -> torch.nn.Module:
+    """A causal LM ready for DeepSpeed: dtype, attention kernel, checkpointing, LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    _check_pretrain(cfg.pretrain)
+    if cfg.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise UserError("--load_in_4bit (QLoRA) needs bitsandbytes CUDA kernels and this machine has no GPU")
+        raise UserError("--load_in_4bit is not supported yet")
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cfg.bf16 else torch.float32,
+                              "attn_implementation": attn_implementation(cfg)}
+    if cfg.aux_loss_coef > 0:
+        kwargs["output_router_logits"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.pretrain, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--pretrain {cfg.pretrain}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_rank > 0:
+        model = apply_lora(model, cfg)
+    return model
+
+
+def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets: str | list[str] = cfg.target_modules
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets)
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise UserError(f"--target_modules {cfg.target_modules}: {e}") from None
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Identity of an architecture: its config (minus paths and runtime switches) and parameter shapes.
+
+    Stored in each checkpoint so a resume with a different model is refused up front.
+    """
+    config = getattr(model, "config", None)
+    conf = json.loads(config.to_json_string(use_diff=False)) if config is not None else {}
+    for volatile in ("_name_or_path", "transformers_version", "use_cache", "torch_dtype", "dtype",
+                     "_attn_implementation", "attn_implementation", "output_router_logits"):
+        conf.pop(volatile, None)
+    shapes = []
+    for name, p in model.named_parameters():
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the full shape aside
+        shapes.append(f"{name}:{tuple(shape)}")
+    blob = json.dumps(conf, sort_keys=True) + "\n".join(shapes)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

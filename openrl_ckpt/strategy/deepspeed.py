@@ -1,0 +1,274 @@
+"""DeepspeedStrategy: the one place that talks to DeepSpeed and torch.distributed."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from openrl_ckpt.checkpoint.comm import TorchDistComm
+from openrl_ckpt.checkpoint.manager import CheckpointError, CheckpointManager, Resumed
+from openrl_ckpt.checkpoint.state import restore_rng, seed_everything
+from openrl_ckpt.errors import UserError
+
+log = logging.getLogger("openrl_ckpt")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    seed: int = 42
+    zero_stage: int = 2
+    bf16: bool = False
+    micro_train_batch_size: int = 1
+    train_batch_size: int = 8
+    max_norm: float = 1.0
+    adam_offload: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    lr_scheduler: str = "cosine_with_min_lr"
+    lr_warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DeepspeedStrategy:
+    def __init__(self, cfg: StrategyConfig) -> None:
+        if cfg.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"--zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+        self.cfg = cfg
+        self.world_size = 1
+        self.rank = 0
+        self.grad_accum = 1
+        self._hf_ds_config: Any = None  # kept alive: transformers reads it during from_pretrained
+
+    # ------------------------------------------------------------------ set-up
+    def setup_distributed(self) -> None:
+        """Join the process group (a single process gets one of its own) and check batch sizes."""
+        import deepspeed
+
+        if "RANK" not in os.environ:  # `python -m ...`: a world of one, no launcher needed
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False)
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        seed_everything(self.cfg.seed)
+        self.grad_accum = self.accumulation_steps(self.world_size)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        micro, glob = self.cfg.micro_train_batch_size, self.cfg.train_batch_size
+        if micro < 1 or glob < 1 or glob % (micro * world_size):
+            raise UserError(f"--train_batch_size {glob} must be a positive multiple of --micro_train_batch_size "
+                            f"{micro} x world size {world_size} = {micro * world_size}")
+        return glob // (micro * world_size)
+
+    @property
+    def is_rank_0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def ds_config(self, train: bool = True) -> dict[str, Any]:
+        c = self.cfg
+        zero: dict[str, Any] = {"stage": c.zero_stage, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8,
+                                "stage3_param_persistence_threshold": 1e4, "stage3_prefetch_bucket_size": 5e7,
+                                "stage3_gather_16bit_weights_on_model_save": True}
+        if c.adam_offload and train:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": c.micro_train_batch_size,
+            "train_batch_size": c.train_batch_size,
+            "gradient_accumulation_steps": self.grad_accum,
+            "gradient_clipping": c.max_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": c.bf16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+            "checkpoint": {"tag_validation": "Ignore"},
+        }
+        if c.bf16:
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+        return config
+
+    def before_model_load(self) -> None:
+        """Under ZeRO-3, let transformers partition weights while loading (no full copy per rank)."""
+        if self.cfg.zero_stage == 3 and self._hf_ds_config is None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config())
+
+    # ------------------------------------------------------------------ engines
+    def prepare(self, model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> Any:
+        """Wrap a trainable model with its AdamW and LR schedule in a DeepSpeed engine."""
+        import deepspeed
+        from transformers import get_scheduler
+
+        groups = _param_groups(model, optim.weight_decay)
+        if self.cfg.adam_offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(groups, lr=optim.learning_rate, betas=optim.betas)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=optim.learning_rate, betas=optim.betas, foreach=False)
+        kwargs = {"min_lr": optim.learning_rate * optim.min_lr_ratio} if optim.lr_scheduler == "cosine_with_min_lr" else {}
+        try:
+            scheduler = get_scheduler(optim.lr_scheduler, optimizer,
+                                      num_warmup_steps=math.ceil(total_steps * optim.lr_warmup_ratio),
+                                      num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
+        except ValueError as e:
+            raise UserError(f"--lr_scheduler {optim.lr_scheduler}: {e}") from None
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=self.ds_config(train=True))
+        return engine
+
+    def prepare_eval_only(self, model: torch.nn.Module) -> Any:
+        """A frozen model (reference, teacher, reward): inference engine, sharded under ZeRO-3."""
+        import deepspeed
+
+        if self.cfg.zero_stage != 3:
+            return model.to(self.device).eval()
+        config = self.ds_config(train=False)
+        config["zero_optimization"].pop("offload_optimizer", None)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+
+    def backward(self, loss: torch.Tensor, engine: Any) -> None:
+        engine.backward(loss)
+
+    def optimizer_step(self, engine: Any) -> None:
+        """DeepSpeed steps the optimizer and scheduler only at accumulation boundaries."""
+        engine.step()
+
+    def setup_dataloader(self, dataset: Dataset, sampler: Sampler[int], batch_size: int,
+                         collate_fn: Callable[[list[Any]], Any]) -> DataLoader:
+        # A private generator: creating a loader iterator must not draw from the global torch RNG,
+        # or a run resumed mid-epoch would see different dropout masks than an uninterrupted one.
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                          num_workers=0, drop_last=False, generator=torch.Generator())
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
+        if not values:
+            return {}
+        t = torch.tensor(list(values.values()), dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            if op == "mean":
+                t /= self.world_size
+        return dict(zip(values, t.tolist()))
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_manager(self, ckpt_path: str, max_ckpt_num: int, max_ckpt_mem_gb: float) -> CheckpointManager:
+        manager = CheckpointManager(ckpt_path, TorchDistComm(), max_ckpt_num=max_ckpt_num,
+                                    max_ckpt_mem_gb=max_ckpt_mem_gb)
+        manager.prepare()
+        return manager
+
+    def save_engines(self, engines: dict[str, Any]) -> Callable[[Path], None]:
+        def write(tmp: Path) -> None:
+            for name, engine in engines.items():
+                exclude_frozen = any(not p.requires_grad for p in engine.module.parameters())
+                engine.save_checkpoint(str(tmp), tag=name, client_state={}, save_latest=False,
+                                       exclude_frozen_parameters=exclude_frozen)
+        return write
+
+    def load_engines(self, resumed: Resumed, engines: dict[str, Any]) -> None:
+        """Load model, optimizer and scheduler of each engine, then this rank's RNG."""
+        for name, engine in engines.items():
+            frozen = any(not p.requires_grad for p in engine.module.parameters())
+            path, _ = engine.load_checkpoint(str(resumed.path), tag=name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True, load_module_strict=not frozen)
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load {resumed.path}/{name}")
+        if resumed.state.world_size == self.world_size and len(resumed.state.rng) == self.world_size:
+            restore_rng(resumed.state.rng[self.rank])
+        else:
+            seed_everything(self.cfg.seed + resumed.step)
+
+    # ------------------------------------------------------------------ export
+    def full_state_dict(self, engine_or_model: Any) -> dict[str, torch.Tensor] | None:
+        """The full weights on rank 0 (gathered under ZeRO-3), None on other ranks."""
+        model = getattr(engine_or_model, "module", engine_or_model)
+        if self.cfg.zero_stage != 3:
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if self.is_rank_0 else None
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if self.is_rank_0:
+                    out[name] = param.detach().cpu().clone()
+        if self.is_rank_0:
+            for name, buf in model.named_buffers():
+                out[name] = buf.detach().cpu().clone()
+        return out if self.is_rank_0 else None
+
+    def save_model(self, engine_or_model: Any, tokenizer: Any, save_path: str) -> None:
+        """A Hugging Face folder (safetensors, config, tokenizer), swapped in atomically."""
+        model = getattr(engine_or_model, "module", engine_or_model)
+        state_dict = self.full_state_dict(engine_or_model)
+        if self.is_rank_0:
+            target = Path(save_path)
+            tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+            try:
+                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+                if target.exists():
+                    os.rename(target, old)
+                os.rename(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise UserError(f"--save_path {save_path}: cannot write the model ({e.strerror or e})") from None
+            log.info("saved the Hugging Face model to %s", target)
+        self.barrier()
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and norm weights (the usual AdamW recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+

@@ -1,0 +1,60 @@
+"""Metrics out: the rank-0 log line, wandb and tensorboard."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from openrl_ckpt.errors import UserError
+
+log = logging.getLogger("openrl_ckpt")
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("openrl_ckpt").setLevel(level)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Tracker:
+    """Sends scalars to wandb / tensorboard on rank 0; a no-op elsewhere."""
+
+    def __init__(self, *, enabled: bool, use_wandb: str | None, wandb_project: str, wandb_run_name: str | None,
+                 wandb_group: str | None, wandb_org: str | None, use_tensorboard: str | None,
+                 config: dict[str, Any], wandb_run_id: str | None = None, start_step: int = 0) -> None:
+        self.wandb: Any = None
+        self.tb: Any = None
+        self.run_id: str | None = wandb_run_id
+        if not enabled:
+            return
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--use_wandb needs the wandb package (pip install wandb)") from None
+            if use_wandb not in ("True", "true", "1") and os.environ.get("WANDB_MODE") != "offline":
+                wandb.login(key=use_wandb)
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, group=wandb_group, entity=wandb_org,
+                                    config=config, id=wandb_run_id, resume="allow" if wandb_run_id else None)
+            self.run_id = self.wandb.id
+        if use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a crashed run wrote past its last checkpoint, so curves stay continuous
+            self.tb = SummaryWriter(log_dir=use_tensorboard, purge_step=start_step or None)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()

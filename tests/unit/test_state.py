@@ -1,0 +1,38 @@
+import json
+import random
+
+import numpy as np
+import torch
+
+from openrl_ckpt.checkpoint.state import TrainState, capture_rng, incompatibility, restore_rng
+
+
+def test_rng_round_trip_through_json():
+    random.seed(1); np.random.seed(2); torch.manual_seed(3)
+    state = json.loads(json.dumps(capture_rng()))
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9); np.random.seed(9); torch.manual_seed(9)
+    restore_rng(state)
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_train_state_json_round_trip_ignores_unknown_keys():
+    s = TrainState(algorithm="sft", global_batch_size=8, world_size=2, model_fingerprint="f", global_step=3,
+                   extra={"sft": {}})
+    data = json.loads(s.to_json())
+    data["future_field"] = 1
+    assert TrainState.from_json(json.dumps(data)) == s
+
+
+def base(**kw):
+    d = dict(algorithm="sft", global_batch_size=8, world_size=2, model_fingerprint="f")
+    d.update(kw)
+    return TrainState(**d)
+
+
+def test_incompatibility_reasons():
+    assert incompatibility(base(), base()) is None
+    assert "dpo" in incompatibility(base(algorithm="dpo"), base())
+    assert "different model" in incompatibility(base(model_fingerprint="g"), base())
+    assert "--train_batch_size 16" in incompatibility(base(global_batch_size=16), base())
