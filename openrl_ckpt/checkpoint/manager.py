@@ -317,11 +317,15 @@ class CheckpointManager:
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
             for dirpath, _, _ in os.walk(tmp):
                 _fsync_dir(Path(dirpath))
-            if final.exists():  # a step saved twice (e.g. a rerun after a crash at commit): replace it
-                shutil.rmtree(final)
+            # A step saved again (a rerun that fell back past a damaged copy of it): move the old copy
+            # aside, commit the new one, then delete; a crash in between leaves one of them in place.
+            old = self.root / f"{DEL_PREFIX}{final.name}"
+            if final.exists():
+                os.rename(final, old)
             os.rename(tmp, final)
             _fsync_dir(self.root)
             write_atomic(self.root / LATEST, step_dir_name(step) + "\n")
+            shutil.rmtree(old, ignore_errors=True)
 
         self._leader_fs(commit, tmp, "commit")
         fault_point("after_commit", step)

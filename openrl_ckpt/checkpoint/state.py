@@ -32,6 +32,7 @@ class TrainState:
     global_batch_size: int
     world_size: int
     model_fingerprint: str
+    zero_stage: int | None = None
     global_step: int = 0
     micro_step: int = 0
     epoch: int = 0
@@ -98,6 +99,9 @@ def incompatibility(saved: TrainState, current: TrainState) -> str | None:
     if saved.global_batch_size != current.global_batch_size:
         return (f"it was saved with --train_batch_size {saved.global_batch_size}, this run uses "
                 f"{current.global_batch_size}")
+    if None not in (saved.zero_stage, current.zero_stage) and saved.zero_stage != current.zero_stage:
+        return (f"it was saved with --zero_stage {saved.zero_stage}, this run uses {current.zero_stage}; "
+                f"resume with the same stage")
     if saved.world_size != current.world_size:
         return (f"it was saved on {saved.world_size} ranks and this run has {current.world_size}; "
                 f"resume with the same number of ranks")

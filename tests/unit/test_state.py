@@ -36,3 +36,18 @@ def test_incompatibility_reasons():
     assert "dpo" in incompatibility(base(algorithm="dpo"), base())
     assert "different model" in incompatibility(base(model_fingerprint="g"), base())
     assert "--train_batch_size 16" in incompatibility(base(global_batch_size=16), base())
+    assert "--zero_stage 3" in incompatibility(base(zero_stage=3), base(zero_stage=2))
+    assert "on 4 ranks" in incompatibility(base(world_size=4), base())
+
+
+def test_step_saved_again_replaces_the_old_copy(tmp_path):
+    from openrl_ckpt.checkpoint.comm import SingleProcessComm
+    from openrl_ckpt.checkpoint.manager import CheckpointManager
+
+    m = CheckpointManager(str(tmp_path), SingleProcessComm(), max_ckpt_num=3, max_ckpt_mem_gb=1)
+    m.prepare()
+    state = TrainState(algorithm="sft", global_batch_size=8, world_size=1, model_fingerprint="f", global_step=4)
+    for payload in (b"old", b"new"):
+        m.save(state, lambda tmp, p=payload: (tmp / "w.bin").write_bytes(p), meta={})
+    assert (tmp_path / "global_step4" / "w.bin").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step4", "latest"]
