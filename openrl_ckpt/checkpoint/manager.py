@@ -294,14 +294,25 @@ class CheckpointManager:
         state.world_size = self.comm.world_size
         self._leader_fs(lambda: write_atomic(tmp / STATE_FILE, state.to_json()), tmp, "write train state")
 
-        # Each rank lists its own storage (node-local storage differs per node) and hashes its share.
-        names = sorted(list_files(tmp), key=lambda n: -(tmp / n).stat().st_size)
-        mine = names[self._group.index(self.comm.rank) :: len(self._group)]
-        sums = {n: {"size": (tmp / n).stat().st_size, HASH_ALGO: file_checksum(tmp / n)} for n in mine}
-        parts = self.comm.all_gather_object(sums)
+        # Each rank lists its own storage (node-local storage differs per node) and hashes its share;
+        # an I/O error on any rank is gathered, so all ranks fail the save together instead of hanging.
+        err, sums = None, {}
+        try:
+            names = sorted(list_files(tmp), key=lambda n: -(tmp / n).stat().st_size)
+            mine = names[self._group.index(self.comm.rank) :: len(self._group)]
+            sums = {n: {"size": (tmp / n).stat().st_size, HASH_ALGO: file_checksum(tmp / n)} for n in mine}
+            fault_point("before_commit", step)
+        except OSError as e:
+            err = f"checkpoint save failed: cannot checksum {tmp} ({e.strerror or e})"
+        parts = self.comm.all_gather_object((err, sums))
+        errors = [e for e, _ in parts if e]
+        if errors:
+            if self.is_leader:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(errors[0])
         files: dict[str, Any] = {}
         for r in self._group:
-            files.update(parts[r])
+            files.update(parts[r][1])
         manifest = {
             "format": 1,
             "step": step,
@@ -311,7 +322,6 @@ class CheckpointManager:
             "files": dict(sorted(files.items())),
             "meta": meta,
         }
-        fault_point("before_commit", step)
 
         def commit() -> None:
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))

@@ -112,8 +112,9 @@ def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
         if _is_rank_0():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except CheckpointError as e:  # raised on all ranks together: say it once
+        if _is_rank_0():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         import torch.distributed as dist
