@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import socket
+import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class DeepspeedStrategy:
         self.world_size = 1
         self.rank = 0
         self.grad_accum = 1
+        self._grad_norm: float | None = None  # measured here where DeepSpeed does not report one
         self._hf_ds_config: Any = None  # kept alive: transformers reads it during from_pretrained
 
     # ------------------------------------------------------------------ set-up
@@ -133,11 +135,13 @@ class DeepspeedStrategy:
 
         groups = _param_groups(model, optim.weight_decay)
         if self.cfg.adam_offload:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(groups, lr=optim.learning_rate, betas=optim.betas)
+            optimizer: torch.optim.Optimizer = _cpu_adam(groups, optim)
         else:
             optimizer = torch.optim.AdamW(groups, lr=optim.learning_rate, betas=optim.betas, foreach=False)
+        log.info("optimizer: %s, ZeRO stage %d, %s%s%s", type(optimizer).__name__, self.cfg.zero_stage,
+                 "bf16" if self.cfg.bf16 else "fp32",
+                 ", gradient checkpointing" if getattr(model, "is_gradient_checkpointing", False) else "",
+                 ", optimizer states offloaded to the CPU" if self.cfg.adam_offload else "")
         kwargs = {"min_lr": optim.learning_rate * optim.min_lr_ratio} if optim.lr_scheduler == "cosine_with_min_lr" else {}
         try:
             scheduler = get_scheduler(optim.lr_scheduler, optimizer,
@@ -166,7 +170,21 @@ class DeepspeedStrategy:
 
     def optimizer_step(self, engine: Any) -> None:
         """DeepSpeed steps the optimizer and scheduler only at accumulation boundaries."""
+        plain = not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+        if plain and engine.is_gradient_accumulation_boundary():
+            # ZeRO-0 in fp32 steps the plain torch optimizer: DeepSpeed clips with the gradient norm but
+            # drops it, and zeroes the gradients in step(), so measure it here (grads are reduced by now)
+            grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
         engine.step()
+
+    def grad_norm(self, engine: Any) -> float:
+        """The global gradient norm (before clipping) of the last optimizer step; nan if none was taken."""
+        norm = engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._grad_norm
+        return float(norm) if norm is not None else float("nan")
 
     def setup_dataloader(self, dataset: Dataset, sampler: Sampler[int], batch_size: int,
                          collate_fn: Callable[[list[Any]], Any]) -> DataLoader:
@@ -260,6 +278,21 @@ class DeepspeedStrategy:
                 raise UserError(f"--save_path {save_path}: cannot write the model ({e.strerror or e})") from None
             log.info("saved the Hugging Face model to %s", target)
         self.barrier()
+
+
+def _cpu_adam(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
+    """DeepSpeedCPUAdam for --adam_offload; its C++ op is compiled on first use (then cached)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    log.info("--adam_offload: loading DeepSpeed's CPU Adam op (compiled on first use, which can take "
+             "minutes; cached in ~/.cache/torch_extensions)")
+    try:
+        return DeepSpeedCPUAdam(groups, lr=optim.learning_rate, betas=optim.betas)
+    except (RuntimeError, ImportError, OSError, subprocess.SubprocessError) as e:  # how a failed JIT build surfaces
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"--adam_offload: DeepSpeed's CPU Adam op cannot be built or loaded on this machine "
+                        f"({reason}); it needs a C++ compiler and ninja (see DS_BUILD_CPU_ADAM=1 pip install "
+                        f"deepspeed), or drop --adam_offload") from None
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

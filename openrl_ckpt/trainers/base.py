@@ -232,8 +232,7 @@ class Trainer:
         return float(self.engine.get_lr()[0])
 
     def _grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return self.s.grad_norm(self.engine)
 
     def _log(self, metrics: dict[str, float], bar: tqdm, tracker: Tracker) -> None:
         if not self.s.is_rank_0:
