@@ -120,7 +120,8 @@ class Trainer:
                                                          eval_collate or collate)
         self.total_steps = self.sampler.steps_per_epoch * cfg.max_epochs
         self.state = TrainState(algorithm=cfg.algorithm, global_batch_size=sc.train_batch_size,
-                                world_size=strategy.world_size, model_fingerprint=model_fingerprint)
+                                world_size=strategy.world_size, model_fingerprint=model_fingerprint,
+                                zero_stage=sc.zero_stage)
         if len(train_set) % sc.train_batch_size and strategy.is_rank_0:  # type: ignore[arg-type]
             log.info("%d samples are not a multiple of the global batch %d: the last step of each epoch is "
                      "filled with samples from the start of the epoch's order", len(train_set),  # type: ignore
@@ -159,8 +160,9 @@ class Trainer:
         if tracker.run_id:
             st.extra["wandb_run_id"] = tracker.run_id
         gas = s.grad_accum
-        bar = tqdm(total=self.total_steps, initial=st.global_step, disable=not s.is_rank_0, desc=cfg.algorithm,
-                   dynamic_ncols=True)
+        # On rank 0 the bar shows on a terminal only (disable=None), so piped logs keep plain step lines.
+        bar = tqdm(total=self.total_steps, initial=st.global_step, disable=None if s.is_rank_0 else True,
+                   desc=cfg.algorithm, dynamic_ncols=True)
         window: dict[str, float] = {}
         window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
         last_saved = st.global_step if st.global_step > 0 else -1
@@ -188,10 +190,10 @@ class Trainer:
                     tokens = s.all_reduce({"t": float(window_tokens)}, op="sum")["t"]
                     metrics.update(lr=self._lr(), grad_norm=self._grad_norm(), tokens_per_s=tokens / elapsed,
                                    epoch=st.consumed_samples / self.sampler.epoch_positions)
-                    self._log(metrics, bar, tracker)
+                    self._log(metrics, tracker)
                     window, window_micro, window_tokens, window_start = {}, 0, 0, time.perf_counter()
                 if self.eval_loader is not None and cfg.eval_steps > 0 and st.global_step % cfg.eval_steps == 0:
-                    self._log(self.evaluate(), bar, tracker)
+                    self._log(self.evaluate(), tracker)
                 if manager is not None and cfg.save_steps > 0 and st.global_step % cfg.save_steps == 0:
                     self.save(manager)
                     last_saved = st.global_step
@@ -199,7 +201,7 @@ class Trainer:
                     break
             if self.eval_loader is not None and cfg.eval_steps <= 0 and (
                     st.consumed_samples % self.sampler.epoch_positions == 0):
-                self._log(self.evaluate(), bar, tracker)  # --eval_steps -1: once per epoch
+                self._log(self.evaluate(), tracker)  # --eval_steps -1: once per epoch
         bar.close()
         if manager is not None and cfg.save_steps > 0 and last_saved != st.global_step:
             self.save(manager)  # the finished state, so a rerun of the same command only re-exports
@@ -234,10 +236,10 @@ class Trainer:
     def _grad_norm(self) -> float:
         return self.s.grad_norm(self.engine)
 
-    def _log(self, metrics: dict[str, float], bar: tqdm, tracker: Tracker) -> None:
+    def _log(self, metrics: dict[str, float], tracker: Tracker) -> None:
         if not self.s.is_rank_0:
             return
         step = self.state.global_step
         text = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        bar.write(f"step {step}/{self.total_steps} {text}")
+        tqdm.write(f"step {step}/{self.total_steps} {text}")
         tracker.log(metrics, step)
