@@ -15,7 +15,6 @@ from openrl_ckpt.data.loading import load_blended_dataset
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
 from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, check_input_template
-from openrl_ckpt.errors import UserError
 from openrl_ckpt.models.actor import ModelConfig, load_causal_lm, load_tokenizer, model_fingerprint
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, OptimConfig, StrategyConfig
 from openrl_ckpt.trainers.base import LoopConfig, Trainer, TrackerConfig
@@ -39,8 +38,6 @@ def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.output_key is None and not args.pretrain_mode and not args.apply_chat_template:
-        raise UserError("--output_key is required (or --pretrain_mode, or --apply_chat_template on a messages column)")
     check_input_template(args.input_template)
 
     # 1. strategy: process group and batch arithmetic
