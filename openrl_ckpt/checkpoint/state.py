@@ -1,7 +1,7 @@
 """TrainState: everything besides the engines that a resumed run needs, as JSON.
 
 RNG states are captured per rank and stored as plain lists / base64 so the file stays
-human-readable JSON (no pickle anywhere in our own state).
+human-readable JSON: our own state never holds serialized Python objects.
 """
 
 from __future__ import annotations
