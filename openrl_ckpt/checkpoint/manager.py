@@ -224,6 +224,11 @@ class CheckpointManager:
             probe.unlink(missing_ok=True)
         self._group = [r for r, k in enumerate(keys) if k == key]
 
+    def _my_share(self, sizes: dict[str, int]) -> list[str]:
+        """This rank's files to checksum: largest first, dealt round-robin over the storage group."""
+        names = sorted(sizes, key=lambda n: (-sizes[n], n))
+        return names[self._group.index(self.comm.rank) :: len(self._group)]
+
     # ------------------------------------------------------------------ discovery
     def committed_steps(self) -> list[int]:
         """Steps of committed folders (named global_step<N> and holding a manifest), newest first."""
@@ -240,9 +245,8 @@ class CheckpointManager:
         """Collective: every rank of a storage group checks its share of the files."""
         try:
             manifest = read_manifest(ckpt_dir)
-            names = sorted(manifest["files"], key=lambda n: -manifest["files"][n]["size"])
-            mine = names[self._group.index(self.comm.rank) :: len(self._group)]
-            problems = check_files(ckpt_dir, manifest["files"], mine)
+            sizes = {n: f["size"] for n, f in manifest["files"].items()}
+            problems = check_files(ckpt_dir, manifest["files"], self._my_share(sizes))
         except CheckpointError as e:
             problems = [str(e)]
         gathered = self.comm.all_gather_object(problems)
@@ -298,9 +302,8 @@ class CheckpointManager:
         # an I/O error on any rank is gathered, so all ranks fail the save together instead of hanging.
         err, sums = None, {}
         try:
-            names = sorted(list_files(tmp), key=lambda n: -(tmp / n).stat().st_size)
-            mine = names[self._group.index(self.comm.rank) :: len(self._group)]
-            sums = {n: {"size": (tmp / n).stat().st_size, HASH_ALGO: file_checksum(tmp / n)} for n in mine}
+            sizes = {n: (tmp / n).stat().st_size for n in list_files(tmp)}
+            sums = {n: {"size": sizes[n], HASH_ALGO: file_checksum(tmp / n)} for n in self._my_share(sizes)}
             fault_point("before_commit", step)
         except OSError as e:
             err = f"checkpoint save failed: cannot checksum {tmp} ({e.strerror or e})"

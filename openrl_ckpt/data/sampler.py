@@ -55,10 +55,6 @@ class ResumableDistributedSampler(Sampler[int]):
                              f"{self.global_batch_size}")
         self.epoch, self._start = divmod(consumed_samples, self.epoch_positions)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start of ``epoch`` (for loops that drive epochs themselves)."""
-        self.epoch, self._start = epoch, 0
-
     def __iter__(self) -> Iterator[int]:
         positions = range(self._start + self.rank, self.epoch_positions, self.world_size)
         if not self.shuffle:

@@ -153,18 +153,6 @@ class DeepspeedStrategy:
                                           config=self.ds_config(train=True))
         return engine
 
-    def prepare_eval_only(self, model: torch.nn.Module) -> Any:
-        """A frozen model (reference, teacher, reward): inference engine, sharded under ZeRO-3."""
-        import deepspeed
-
-        if self.cfg.zero_stage != 3:
-            return model.to(self.device).eval()
-        config = self.ds_config(train=False)
-        config["zero_optimization"].pop("offload_optimizer", None)
-        engine, *_ = deepspeed.initialize(model=model, config=config)
-        engine.eval()
-        return engine
-
     def backward(self, loss: torch.Tensor, engine: Any) -> None:
         engine.backward(loss)
 
@@ -206,11 +194,6 @@ class DeepspeedStrategy:
 
     def barrier(self) -> None:
         dist.barrier()
-
-    def broadcast_object(self, obj: Any) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_manager(self, ckpt_path: str, max_ckpt_num: int, max_ckpt_mem_gb: float) -> CheckpointManager:

@@ -147,11 +147,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainState:
-        st, cfg, s = self.state, self.cfg, self.s
+        cfg, s = self.cfg, self.s
         manager = s.checkpoint_manager(cfg.ckpt_path, cfg.max_ckpt_num, cfg.max_ckpt_mem) if (
             cfg.save_steps > 0 or cfg.load_checkpoint) else None
         self._resume(manager)
-        st = self.state
+        st = self.state  # replaced by the checkpoint's state on resume
         tc = self.tracker_cfg
         tracker = Tracker(enabled=s.is_rank_0, use_wandb=tc.use_wandb, wandb_project=tc.wandb_project,
                           wandb_run_name=tc.wandb_run_name, wandb_group=tc.wandb_group, wandb_org=tc.wandb_org,
