@@ -6,9 +6,14 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from openrl_ckpt.errors import UserError
+
+if TYPE_CHECKING:
+    from openrl_ckpt.models.actor import ModelConfig
+    from openrl_ckpt.strategy.deepspeed import OptimConfig, StrategyConfig
+    from openrl_ckpt.trainers.base import LoopConfig, TrackerConfig
 
 log = logging.getLogger("openrl_ckpt")
 
@@ -100,6 +105,52 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb_project", default="openrl_ckpt")
     g.add_argument("--wandb_run_name", default=None)
     g.add_argument("--use_tensorboard", default=None, help="a log folder for tensorboard")
+
+
+def model_config(args: argparse.Namespace, pretrain: str | None = None) -> "ModelConfig":
+    """The model flags; ``pretrain`` overrides --pretrain (reference, teacher, reward models)."""
+    from openrl_ckpt.models.actor import ModelConfig
+
+    return ModelConfig(pretrain=args.pretrain if pretrain is None else pretrain, bf16=args.bf16,
+                       flash_attn=args.flash_attn, attn_implementation=args.attn_implementation,
+                       gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank,
+                       lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                       target_modules=args.target_modules, load_in_4bit=args.load_in_4bit,
+                       aux_loss_coef=args.aux_loss_coef)
+
+
+def strategy_config(args: argparse.Namespace) -> "StrategyConfig":
+    from openrl_ckpt.strategy.deepspeed import StrategyConfig
+
+    return StrategyConfig(seed=args.seed, zero_stage=args.zero_stage, bf16=args.bf16,
+                          micro_train_batch_size=args.micro_train_batch_size, train_batch_size=args.train_batch_size,
+                          max_norm=args.max_norm, adam_offload=args.adam_offload)
+
+
+def optim_config(args: argparse.Namespace, learning_rate: float | None = None) -> "OptimConfig":
+    from openrl_ckpt.strategy.deepspeed import OptimConfig
+
+    return OptimConfig(learning_rate=args.learning_rate if learning_rate is None else learning_rate,
+                       weight_decay=args.l2, betas=tuple(args.adam_betas), lr_scheduler=args.lr_scheduler,
+                       lr_warmup_ratio=args.lr_warmup_ratio)
+
+
+def loop_config(args: argparse.Namespace, algorithm: str) -> "LoopConfig":
+    """The shared loop's settings from the shared flags: every CLI gets new loop flags from here."""
+    from openrl_ckpt.trainers.base import LoopConfig
+
+    return LoopConfig(algorithm=algorithm, max_epochs=args.max_epochs, seed=args.seed, ckpt_path=args.ckpt_path,
+                      logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
+                      load_checkpoint=args.load_checkpoint, max_ckpt_num=args.max_ckpt_num,
+                      max_ckpt_mem=args.max_ckpt_mem)
+
+
+def tracker_config(args: argparse.Namespace) -> "TrackerConfig":
+    from openrl_ckpt.trainers.base import TrackerConfig
+
+    return TrackerConfig(use_wandb=args.use_wandb, wandb_project=args.wandb_project,
+                         wandb_run_name=args.wandb_run_name, wandb_group=args.wandb_group, wandb_org=args.wandb_org,
+                         use_tensorboard=args.use_tensorboard, run_config=vars(args))
 
 
 def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:

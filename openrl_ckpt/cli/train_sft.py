@@ -15,9 +15,9 @@ from openrl_ckpt.data.loading import load_blended_dataset
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
 from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, check_input_template
-from openrl_ckpt.models.actor import ModelConfig, load_causal_lm, load_tokenizer, model_fingerprint
-from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, OptimConfig, StrategyConfig
-from openrl_ckpt.trainers.base import LoopConfig, Trainer, TrackerConfig
+from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
+from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
+from openrl_ckpt.trainers.base import Trainer
 from openrl_ckpt.trainers.sft import SFTAlgorithm
 from openrl_ckpt.utils.tracking import setup_logging
 
@@ -41,9 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     check_input_template(args.input_template)
 
     # 1. strategy: process group and batch arithmetic
-    strategy = DeepspeedStrategy(StrategyConfig(
-        seed=args.seed, zero_stage=args.zero_stage, bf16=args.bf16, micro_train_batch_size=args.micro_train_batch_size,
-        train_batch_size=args.train_batch_size, max_norm=args.max_norm, adam_offload=args.adam_offload))
+    strategy = DeepspeedStrategy(A.strategy_config(args))
     strategy.setup_distributed()
     setup_logging(strategy.rank)
 
@@ -67,30 +65,18 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. model
     strategy.before_model_load()
-    model = load_causal_lm(ModelConfig(
-        pretrain=args.pretrain, bf16=args.bf16, flash_attn=args.flash_attn,
-        attn_implementation=args.attn_implementation, gradient_checkpointing=args.gradient_checkpointing,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=args.target_modules, load_in_4bit=args.load_in_4bit, aux_loss_coef=args.aux_loss_coef))
+    model = load_causal_lm(A.model_config(args))
     fingerprint = model_fingerprint(model)
 
     # 4. prepare: engine with optimizer and schedule over the whole run
-    loop = LoopConfig(algorithm="sft", max_epochs=args.max_epochs, seed=args.seed, ckpt_path=args.ckpt_path,
-                      logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
-                      load_checkpoint=args.load_checkpoint, max_ckpt_num=args.max_ckpt_num,
-                      max_ckpt_mem=args.max_ckpt_mem)
-    engine = strategy.prepare(model, OptimConfig(
-        learning_rate=args.learning_rate, weight_decay=args.l2, betas=tuple(args.adam_betas),
-        lr_scheduler=args.lr_scheduler, lr_warmup_ratio=args.lr_warmup_ratio),
-        steps_per_epoch(len(train_set), args.train_batch_size) * args.max_epochs)
+    engine = strategy.prepare(model, A.optim_config(args),
+                              steps_per_epoch(len(train_set), args.train_batch_size) * args.max_epochs)
 
     # 5. resume + fit
     collate = pack_collate if args.packing_samples else partial(pad_collate, pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer(
-        strategy, engine, SFTAlgorithm(engine, strategy.device, args.aux_loss_coef), train_set, collate, loop,
-        TrackerConfig(use_wandb=args.use_wandb, wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name,
-                      wandb_group=args.wandb_group, wandb_org=args.wandb_org, use_tensorboard=args.use_tensorboard,
-                      run_config=vars(args)),
+        strategy, engine, SFTAlgorithm(engine, strategy.device, args.aux_loss_coef), train_set, collate,
+        A.loop_config(args, "sft"), A.tracker_config(args),
         fingerprint, eval_set=eval_set, eval_collate=partial(pad_collate, pad_token_id=tokenizer.pad_token_id),
         ckpt_meta={"pretrain": args.pretrain})
     trainer.fit()
