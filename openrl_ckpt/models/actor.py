@@ -28,7 +28,7 @@ class ModelConfig:
     aux_loss_coef: float = 0.0
 
 
-def _check_pretrain(pretrain: str) -> None:
+def check_pretrain(pretrain: str) -> None:
     path = Path(pretrain)
     looks_local = path.exists() or pretrain.startswith((".", "/", "~")) or pretrain.count("/") > 1
     if not looks_local:
@@ -53,7 +53,7 @@ def attn_implementation(cfg: ModelConfig) -> str:
 def load_tokenizer(pretrain: str, padding_side: str = "right") -> Any:
     from transformers import AutoTokenizer
 
-    _check_pretrain(pretrain)
+    check_pretrain(pretrain)
     try:
         tok = AutoTokenizer.from_pretrained(pretrain, padding_side=padding_side)
     except (OSError, ValueError) as e:
@@ -67,7 +67,7 @@ def load_causal_lm(cfg: ModelConfig) -> torch.nn.Module:
     """A causal LM ready for DeepSpeed: dtype, attention kernel, checkpointing, LoRA."""
     from transformers import AutoModelForCausalLM
 
-    _check_pretrain(cfg.pretrain)
+    check_pretrain(cfg.pretrain)
     if cfg.load_in_4bit:
         if not torch.cuda.is_available():
             raise UserError("--load_in_4bit (QLoRA) needs bitsandbytes CUDA kernels and this machine has no GPU")
