@@ -131,6 +131,21 @@ def dir_size(path: Path) -> int:
     return total
 
 
+def committed_steps(root: Path) -> list[int]:
+    """Steps of committed folders (named global_step<N> and holding a manifest), newest first.
+
+    Needs no process group: the `ckpt` tool reads checkpoint folders with it too.
+    """
+    if not root.is_dir():
+        return []
+    steps = []
+    for child in root.iterdir():
+        m = STEP_DIR.match(child.name)
+        if m and child.is_dir() and (child / MANIFEST).exists():
+            steps.append(int(m.group(1)))
+    return sorted(steps, reverse=True)
+
+
 def plan_rotation(
     committed: list[tuple[int, int]], keep: int, max_num: int, max_bytes: float, pinned: frozenset[int] = frozenset()
 ) -> list[int]:
@@ -231,15 +246,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ discovery
     def committed_steps(self) -> list[int]:
-        """Steps of committed folders (named global_step<N> and holding a manifest), newest first."""
-        if not self.root.is_dir():
-            return []
-        steps = []
-        for child in self.root.iterdir():
-            m = STEP_DIR.match(child.name)
-            if m and child.is_dir() and (child / MANIFEST).exists():
-                steps.append(int(m.group(1)))
-        return sorted(steps, reverse=True)
+        return committed_steps(self.root)
 
     def _verify(self, ckpt_dir: Path) -> list[str]:
         """Collective: every rank of a storage group checks its share of the files."""
