@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn
 from openrl_ckpt.errors import UserError
 
 if TYPE_CHECKING:
+    from openrl_ckpt.data.preference_dataset import PreferenceConfig
     from openrl_ckpt.models.actor import ModelConfig
     from openrl_ckpt.strategy.deepspeed import OptimConfig, StrategyConfig
     from openrl_ckpt.trainers.base import LoopConfig, TrackerConfig
@@ -172,3 +173,43 @@ def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- preference trainers
+
+def add_preference_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preference data")
+    g.add_argument("--prompt_key", default=None, help="key of the shared prompt; without it chosen and rejected "
+                   "are whole texts, or conversations whose last assistant turn is the answer")
+    g.add_argument("--chosen_key", default="chosen")
+    g.add_argument("--rejected_key", default="rejected")
+
+
+def add_reference_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reference model")
+    g.add_argument("--ref_pretrain", default=None, help="frozen reference model (default: --pretrain)")
+    bool_flag(g, "--ref_offload", "keep the reference model on the CPU between uses")
+    g.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
+
+
+def preference_config(args: argparse.Namespace) -> "PreferenceConfig":
+    from openrl_ckpt.data.preference_dataset import PreferenceConfig
+
+    return PreferenceConfig(prompt_key=args.prompt_key, chosen_key=args.chosen_key, rejected_key=args.rejected_key,
+                            input_template=args.input_template, apply_chat_template=args.apply_chat_template)
+
+
+def load_datasets(args: argparse.Namespace, build: Callable[..., tuple[Any, Any]]) -> tuple[Any, Any]:
+    """The --dataset blend and the --eval_dataset (None without one), each through ``build(raw, source=...)``."""
+    from openrl_ckpt.data.loading import load_blended_dataset
+
+    raw = load_blended_dataset(args.dataset, args.dataset_probs, seed=args.seed, max_samples=args.max_samples,
+                               split=args.dataset_split)
+    train_set, stats = build(raw, source=args.dataset)
+    log.info("train data: %s", stats)
+    if not args.eval_dataset:
+        return train_set, None
+    raw = load_blended_dataset(args.eval_dataset, None, seed=args.seed, split=args.eval_split, flag="--eval_dataset")
+    eval_set, stats = build(raw, source=args.eval_dataset)
+    log.info("eval data: %s", stats)
+    return train_set, eval_set

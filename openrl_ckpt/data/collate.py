@@ -49,3 +49,57 @@ def pack_collate(samples: list[dict]) -> dict[str, torch.Tensor]:
         "loss_mask": loss_mask.unsqueeze(0),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
     }
+
+
+def sequence_batch(seqs: list[list[int]], loss_starts: list[int], pad_token_id: int,
+                   packing: bool) -> dict[str, torch.Tensor]:
+    """Several sequences as one model input that per-sequence sums can be read back from.
+
+    Padded: rows right-padded to the longest, with ``attention_mask``. Packed: one row with
+    ``position_ids`` restarting per sequence. Either way ``segment`` [rows, T] numbers each token's
+    sequence (-1 on padding), ``loss_mask`` marks target tokens (from ``loss_start``, never a
+    sequence's first token) and ``last`` [N] holds the flat index of each sequence's last token,
+    where a reward head reads.
+    """
+    lengths = [len(s) for s in seqs]
+    if packing:
+        batch = pack_collate([{"input_ids": s, "loss_start": start, "index": 0} for s, start in zip(seqs, loss_starts)])
+        batch.pop("index")
+        batch["segment"] = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths)).unsqueeze(0)
+        batch["last"] = torch.tensor(lengths).cumsum(0) - 1
+        return batch
+    batch = pad_collate([{"input_ids": s, "loss_start": start, "index": 0} for s, start in zip(seqs, loss_starts)],
+                        pad_token_id)
+    batch.pop("index")
+    width = batch["input_ids"].shape[1]
+    rows = torch.arange(len(seqs)).unsqueeze(1).expand(-1, width)
+    batch["segment"] = torch.where(batch["attention_mask"].bool(), rows, torch.full_like(rows, -1))
+    batch["last"] = torch.arange(len(seqs)) * width + torch.tensor(lengths) - 1
+    return batch
+
+
+def pair_collate(samples: list[dict], pad_token_id: int, packing: bool = False) -> dict[str, torch.Tensor]:
+    """B pairs as 2B sequences, chosen ones first: sequence i and i + B share a prompt."""
+    seqs = [s["chosen_ids"] for s in samples] + [s["rejected_ids"] for s in samples]
+    starts = [s["prompt_len"] for s in samples] * 2
+    batch = sequence_batch(seqs, starts, pad_token_id, packing)
+    batch["margin"] = torch.tensor([s["margin"] for s in samples], dtype=torch.float32)
+    batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+    return batch
+
+
+def kto_collate(samples: list[dict], pad_token_id: int, eos_token_id: int, max_len: int,
+                packing: bool = False) -> dict:
+    """B labelled rows, and under ``"kl"`` B mismatched rows (prompt i with answer i + 1) for KTO's KL
+    reference point. A mismatched row longer than ``max_len`` is cut keeping EOS last, like every other."""
+    n = len(samples)
+    starts = [len(s["prompt_ids"]) for s in samples]
+    mismatched = []
+    for i, s in enumerate(samples):
+        seq = s["prompt_ids"] + samples[(i + 1) % n]["answer_ids"]
+        mismatched.append(seq if len(seq) <= max_len else [*seq[: max_len - 1], eos_token_id])
+    batch: dict = sequence_batch([s["prompt_ids"] + s["answer_ids"] for s in samples], starts, pad_token_id, packing)
+    batch["kl"] = sequence_batch(mismatched, starts, pad_token_id, packing)
+    batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.bool)
+    batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+    return batch

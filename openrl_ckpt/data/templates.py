@@ -29,6 +29,8 @@ class TemplateConfig:
     output_key: str | None
     input_template: str | None
     apply_chat_template: bool
+    input_flag: str = "--input_key"  # the flags that name the keys, for error messages
+    output_flag: str = "--output_key"
 
 
 def check_input_template(template: str | None) -> None:
@@ -72,25 +74,25 @@ def render_example(row: Mapping, cfg: TemplateConfig, tokenizer, *, where: str) 
     For preference data call it once per answer with ``dataclasses.replace(cfg, output_key=...)``.
     """
     if not cfg.apply_chat_template:
-        prompt = _text(row, cfg.input_key, "--input_key", where, chat_hint=True)
+        prompt = _text(row, cfg.input_key, cfg.input_flag, where, chat_hint=True)
         if cfg.input_template is not None:
             prompt = cfg.input_template.format(prompt)
-        response = "" if cfg.output_key is None else _text(row, cfg.output_key, "--output_key", where, chat_hint=True)
+        response = "" if cfg.output_key is None else _text(row, cfg.output_key, cfg.output_flag, where, chat_hint=True)
         return prompt, response
 
     _require_chat_template(tokenizer)
-    messages = _messages(row, cfg.input_key, "--input_key", "user", where)
+    messages = _messages(row, cfg.input_key, cfg.input_flag, "user", where)
     if cfg.output_key is None:
         if messages[-1]["role"] != "assistant":
             raise UserError(
-                f"{where}: with no --output_key, '{cfg.input_key}' must be a conversation ending with an assistant "
+                f"{where}: with no {cfg.output_flag}, '{cfg.input_key}' must be a conversation ending with an assistant "
                 f"turn (its last role is '{messages[-1]['role']}')"
             )
         messages, answer = messages[:-1], messages[-1:]
         if not messages:
             raise UserError(f"{where}: '{cfg.input_key}' holds only an assistant turn; there is no prompt")
     else:
-        answer = _messages(row, cfg.output_key, "--output_key", "assistant", where)
+        answer = _messages(row, cfg.output_key, cfg.output_flag, "assistant", where)
     prompt = _chat(tokenizer, messages, True, where)
     full = _chat(tokenizer, messages + answer, False, where)
     if not full.startswith(prompt):
@@ -104,10 +106,15 @@ def render_example(row: Mapping, cfg: TemplateConfig, tokenizer, *, where: str) 
 def render_prompt(row: Mapping, cfg: TemplateConfig, tokenizer, *, where: str) -> str:
     """Return the prompt text alone (PPO, generation): a conversation gets the generation prompt."""
     if not cfg.apply_chat_template:
-        prompt = _text(row, cfg.input_key, "--input_key", where, chat_hint=True)
+        prompt = _text(row, cfg.input_key, cfg.input_flag, where, chat_hint=True)
         return prompt if cfg.input_template is None else cfg.input_template.format(prompt)
     _require_chat_template(tokenizer)
-    return _chat(tokenizer, _messages(row, cfg.input_key, "--input_key", "user", where), True, where)
+    return _chat(tokenizer, _messages(row, cfg.input_key, cfg.input_flag, "user", where), True, where)
+
+
+def row_text(row: Mapping, key: str, flag: str, where: str) -> str:
+    """The text under ``key``; a missing key or a non-text value is a ``UserError`` naming the row and flag."""
+    return _text(row, key, flag, where, chat_hint=True)
 
 
 def _require_chat_template(tokenizer) -> None:

@@ -21,3 +21,64 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
     count = mask.sum()
     nll = -token_logprobs(logits, input_ids)
     return (nll * mask).sum() / count.clamp(min=1.0), count
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, segment: torch.Tensor,
+                   num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of target-token log-probabilities and the number of target tokens, both [N].
+
+    ``segment`` numbers each token's sequence (see ``collate.sequence_batch``); a target token is
+    counted in its own sequence, so padded and packed batches give the same sums.
+    """
+    mask = loss_mask[:, 1:].to(torch.float32)
+    seg = segment[:, 1:].clamp(min=0).flatten()  # padding has mask 0, so its segment does not matter
+    logps = (token_logprobs(logits, input_ids) * mask).flatten()
+    sums = torch.zeros(num_sequences, dtype=logps.dtype, device=logps.device).index_add(0, seg, logps)
+    counts = torch.zeros(num_sequences, dtype=mask.dtype, device=mask.device).index_add(0, seg, mask.flatten())
+    return sums, counts
+
+
+# ---- reward model: per-pair losses, chosen reward c, rejected reward r, margin m
+
+def pairwise_sigmoid_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(c - r - m)"""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+def pairwise_logexp_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(r - c + m)), evaluated without overflow."""
+    return torch.logaddexp(torch.zeros_like(chosen), rejected - chosen + margin)
+
+
+# ---- DPO family: per-pair losses from policy (pc, pr) and reference (rc, rr) log-probabilities
+
+def dpo_logits(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+    """(pc - rc) - (pr - rr): how much more the policy prefers chosen than the reference does."""
+    return (pc - rc) - (pr - rr)
+
+
+def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """-log sigmoid(beta * h); with label smoothing e (cDPO): -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)."""
+    h = beta * dpo_logits(pc, pr, rc, rr)
+    return -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+
+
+def ipo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float) -> torch.Tensor:
+    """(h - 1 / (2 beta))^2, with h from per-token average log-probabilities."""
+    return (dpo_logits(pc, pr, rc, rr) - 1.0 / (2.0 * beta)) ** 2
+
+
+# ---- KTO: per-row losses from policy and reference log-probabilities of each row's answer
+
+def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """With z = max(kl, 0) and x = policy - reference:
+    desirable rows w_d (1 - sigmoid(beta (x - z))), undesirable rows w_u (1 - sigmoid(beta (z - x))).
+
+    ``kl`` is the reference point, a constant: no gradient flows through it.
+    """
+    z = kl.detach().clamp(min=0)
+    x = policy - reference
+    return torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (x - z))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z - x))))

@@ -46,6 +46,25 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
 
 
+class FrozenModel:
+    """Forward passes without gradients; ``move``: parked on the CPU, on the device only while called."""
+
+    def __init__(self, module: Any, device: torch.device, move: bool) -> None:
+        self.module = module
+        self.device = device
+        self.move = move
+
+    @torch.no_grad()
+    def __call__(self, **inputs: Any) -> Any:
+        if not self.move:
+            return self.module(**inputs)
+        self.module.to(self.device)
+        try:
+            return self.module(**inputs)
+        finally:
+            self.module.to("cpu")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,6 +171,31 @@ class DeepspeedStrategy:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                           config=self.ds_config(train=True))
         return engine
+
+    def prepare_frozen(self, model: torch.nn.Module, offload: bool = False) -> "FrozenModel":
+        """A model used only for forward passes (reference, teacher, reward model).
+
+        Under ZeRO-3 it becomes a DeepSpeed engine without optimizer, so its weights stay partitioned
+        (``offload``: partitions live on the CPU). Otherwise it is the plain module on the device, or
+        with ``offload`` on the CPU, moved to the device for each forward pass.
+        """
+        import deepspeed
+
+        model.eval().requires_grad_(False)
+        if self.cfg.zero_stage == 3:
+            c = self.cfg
+            zero: dict[str, Any] = {"stage": 3, "stage3_param_persistence_threshold": 1e4,
+                                    "stage3_prefetch_bucket_size": 5e7}
+            if offload:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+            config = {"train_micro_batch_size_per_gpu": c.micro_train_batch_size,
+                      "train_batch_size": c.micro_train_batch_size * self.world_size,
+                      "zero_optimization": zero, "bf16": {"enabled": c.bf16}, "steps_per_print": 10**9}
+            engine, *_ = deepspeed.initialize(model=model, config=config)
+            engine.eval()
+            return FrozenModel(engine, self.device, move=False)
+        model.to("cpu" if offload else self.device)
+        return FrozenModel(model, self.device, move=offload and self.device.type != "cpu")
 
     def backward(self, loss: torch.Tensor, engine: Any) -> None:
         engine.backward(loss)

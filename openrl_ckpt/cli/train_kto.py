@@ -1,0 +1,109 @@
+"""Kahneman-Tversky optimisation on paired or unpaired (--unpaired_preference) feedback.
+
+    deepspeed --module openrl_ckpt.cli.train_kto --pretrain SFT_DIR --dataset feedback.jsonl --unpaired_preference \
+        --input_key prompt --output_key completion --label_key label --beta 0.1 --save_steps 50 --load_checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+from openrl_ckpt.cli import args as A
+from openrl_ckpt.data.collate import kto_collate, pair_collate
+from openrl_ckpt.data.preference_dataset import (LabelledConfig, build_labelled_dataset, build_preference_dataset,
+                                                 split_pairs)
+from openrl_ckpt.data.sampler import steps_per_epoch
+from openrl_ckpt.data.templates import apply_tokenizer_chat_template, check_input_template
+from openrl_ckpt.errors import UserError
+from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
+from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
+from openrl_ckpt.trainers.base import Trainer
+from openrl_ckpt.trainers.common import load_reference
+from openrl_ckpt.trainers.kto import KTOAlgorithm
+from openrl_ckpt.utils.tracking import setup_logging
+
+log = logging.getLogger("openrl_ckpt")
+
+
+def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
+    p = A.Parser(prog="train_kto", description=__doc__.splitlines()[0])
+    A.add_model_args(p)
+    A.add_data_args(p)
+    A.add_preference_args(p)
+    A.add_train_args(p)
+    A.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_kto")
+    A.add_logging_args(p)
+    A.add_reference_args(p)
+    g = p.add_argument_group("kto")
+    A.bool_flag(g, "--unpaired_preference", "rows of (--input_key, --output_key, --label_key) instead of pairs")
+    g.add_argument("--label_key", default="label", help="true/1: desirable answer, false/0: undesirable")
+    A.bool_flag(g, "--vanilla_loss", "paired batches: each side's reference point is the other side's KL")
+    g.add_argument("--desirable_loss_weight", type=float, default=1.0)
+    g.add_argument("--undesirable_loss_weight", type=float, default=1.0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_input_template(args.input_template)
+    if args.beta <= 0:
+        raise UserError(f"--beta must be positive, got {args.beta}")
+    if args.unpaired_preference and args.vanilla_loss:
+        raise UserError("--vanilla_loss needs paired data (chosen and rejected answers); drop --unpaired_preference")
+    if args.unpaired_preference and args.output_key is None:
+        raise UserError("--unpaired_preference needs --output_key (the answer) and --label_key")
+
+    # 1. strategy: process group and batch arithmetic
+    strategy = DeepspeedStrategy(A.strategy_config(args))
+    strategy.setup_distributed()
+    setup_logging(strategy.rank)
+    if not args.vanilla_loss and args.micro_train_batch_size == 1:
+        log.warning("--micro_train_batch_size 1: each prompt's KL estimate pairs it with its own answer; "
+                    "2 or more give a mismatched pair")
+
+    # 2. tokenizer and rows (before the models: bad data fails in seconds)
+    tokenizer = load_tokenizer(args.pretrain)
+    apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
+    if args.vanilla_loss:  # pairs: B desirable and B undesirable answers in every batch
+        build = partial(build_preference_dataset, tokenizer=tokenizer, cfg=A.preference_config(args),
+                        max_len=args.max_len)
+        collate = partial(pair_collate, pad_token_id=tokenizer.pad_token_id, packing=args.packing_samples)
+    else:
+        build = partial(build_labelled_dataset, cfg=LabelledConfig(
+            input_key=args.input_key, output_key=args.output_key, label_key=args.label_key,
+            input_template=args.input_template, apply_chat_template=args.apply_chat_template),
+        ) if args.unpaired_preference else partial(split_pairs, cfg=A.preference_config(args))
+        build = partial(build, tokenizer=tokenizer, max_len=args.max_len)
+        collate = partial(kto_collate, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                          max_len=args.max_len, packing=args.packing_samples)
+    train_set, eval_set = A.load_datasets(args, build)
+    if not args.vanilla_loss:
+        log.info("train data: %d desirable and %d undesirable answers", train_set.num_desirable,
+                 len(train_set) - train_set.num_desirable)
+
+    # 3. policy and frozen reference (not checkpointed: reloaded from --ref_pretrain, checked on resume)
+    strategy.before_model_load()
+    model = load_causal_lm(A.model_config(args))
+    fingerprint = model_fingerprint(model)
+    reference, reference_id = load_reference(A.model_config(args, pretrain=args.ref_pretrain or args.pretrain),
+                                             strategy, offload=args.ref_offload)
+    engine = strategy.prepare(model, A.optim_config(args),
+                              steps_per_epoch(len(train_set), args.train_batch_size) * args.max_epochs)
+
+    # 4. resume + fit
+    algo = KTOAlgorithm(engine, reference, strategy.device, beta=args.beta,
+                        desirable_weight=args.desirable_loss_weight, undesirable_weight=args.undesirable_loss_weight,
+                        vanilla=args.vanilla_loss, mean_over_ranks=lambda v: strategy.all_reduce({"v": v})["v"],
+                        reference_identity=reference_id)
+    trainer = Trainer(strategy, engine, algo, train_set, collate, A.loop_config(args, "kto"), A.tracker_config(args),
+                      fingerprint, eval_set=eval_set, eval_collate=partial(collate, packing=False),
+                      ckpt_meta={"pretrain": args.pretrain, "ref_pretrain": reference_id["path"]})
+    trainer.fit()
+
+    # 5. export
+    strategy.save_model(engine, tokenizer, args.save_path)
+
+
+if __name__ == "__main__":
+    A.run(main)
