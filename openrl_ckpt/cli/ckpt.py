@@ -1,0 +1,237 @@
+"""Inspect, verify, export and prune checkpoint folders.
+
+    python -m openrl_ckpt.cli.ckpt list   CKPT_PATH [--json] [--quick]
+    python -m openrl_ckpt.cli.ckpt verify CKPT_PATH [--step N]
+    python -m openrl_ckpt.cli.ckpt export CKPT_PATH [--step N] --output DIR [--model TAG] [--dtype bf16] [--merge_lora]
+    python -m openrl_ckpt.cli.ckpt prune  CKPT_PATH --max_ckpt_num K --max_ckpt_mem GB [--dry_run]
+
+CKPT_PATH is a run's --ckpt_path (or one of its global_step<N> folders). Only committed checkpoints
+(global_step<N>/ with a manifest) count, exactly as for resume. Nothing is deleted except by prune,
+which applies the training run's own rotation. Damage (a changed, truncated or missing file, a missing
+manifest) is one `error:` line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from openrl_ckpt.checkpoint import inspect as I
+from openrl_ckpt.cli.args import Parser, run
+from openrl_ckpt.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+DAMAGED = 1  # exit code for damaged checkpoints (usage errors exit 2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = Parser(prog="ckpt", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    s = sub.add_parser("list", help="committed checkpoints: step, epoch, samples, size, time, valid/damaged")
+    s.add_argument("ckpt_path")
+    s.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    s.add_argument("--quick", action="store_true", help="check file presence and sizes only (no re-hash)")
+
+    s = sub.add_parser("verify", help="re-hash every file against the manifest")
+    s.add_argument("ckpt_path")
+    s.add_argument("--step", type=int, default=None, help="only this step (default: every committed checkpoint)")
+
+    s = sub.add_parser("export", help="a Hugging Face folder (or PEFT adapter) from a checkpoint")
+    s.add_argument("ckpt_path")
+    s.add_argument("--step", type=int, default=None, help="default: the newest committed checkpoint")
+    s.add_argument("--output", required=True, help="a new folder")
+    s.add_argument("--model", default=None, help="engine to export (SFT: model; PPO: actor or critic)")
+    s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: the training dtype")
+    s.add_argument("--merge_lora", action="store_true", help="merge a LoRA adapter into its base model")
+    s.add_argument("--base", default=None, help="base model folder for --merge_lora (default: the run's --pretrain)")
+
+    s = sub.add_parser("prune", help="apply the rotation rules now (oldest first; the newest and the best stay)")
+    s.add_argument("ckpt_path")
+    s.add_argument("--max_ckpt_num", type=int, required=True)
+    s.add_argument("--max_ckpt_mem", type=float, required=True, help="GB")
+    s.add_argument("--dry_run", action="store_true", help="only say what would be deleted")
+    return p.parse_args(argv)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    raise AssertionError
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _damage_error(infos: list[I.CheckpointInfo]) -> UserError:
+    bad = [i for i in infos if not i.valid]
+    parts = [f"{i.path.name} ({'; '.join(i.problems[:3])}{'; ...' if len(i.problems) > 3 else ''})" for i in bad]
+    return UserError(f"{len(bad)} of {len(infos)} checkpoint(s) damaged: {', '.join(parts)}", exit_code=DAMAGED)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    root, step = I.resolve(args.ckpt_path)
+    infos = I.list_checkpoints(root, quick=args.quick)
+    if step is not None:
+        infos = [i for i in infos if i.step == step]
+    loose = I.uncommitted_step_dirs(root)
+    if args.json:
+        print(json.dumps({"ckpt_path": str(root), "checkpoints": [i.to_json() for i in infos],
+                          "uncommitted": [p.name for p in loose]}, indent=1))
+    else:
+        rows = [("step", "epoch", "samples", "size", "saved", "engines", "status")]
+        for i in infos:
+            engines = ",".join(i.engines) + (" +hf" if i.hf_copy else "")
+            status = "valid" if i.valid else f"DAMAGED: {i.problems[0]}" + (
+                f" (+{len(i.problems) - 1} more)" if len(i.problems) > 1 else "")
+            rows.append((str(i.step), "-" if i.epoch is None else str(i.epoch),
+                         "-" if i.consumed_samples is None else str(i.consumed_samples), _size(i.size),
+                         _when(i.created_unix), engines or "-", status + ("  [best]" if i.best else "")))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+        for r in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+        for p in loose:
+            print(f"{p.name}: no manifest.json, not a committed checkpoint (resume ignores it)")
+    if any(not i.valid for i in infos):
+        raise _damage_error(infos)
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    root, step = I.resolve(args.ckpt_path, args.step)
+    if step is not None:
+        paths = [I.step_path(root, step)]
+    else:
+        paths = [root / f"global_step{s}" for s in sorted(I.require_committed(root))]
+    infos = []
+    for path in paths:
+        info = I.describe(root, int(path.name.removeprefix("global_step")))
+        infos.append(info)
+        if info.valid:
+            print(f"{path.name}: ok ({_size(info.size)})")
+        else:
+            print(f"{path.name}: DAMAGED")
+            for problem in info.problems:
+                print(f"  {problem}")
+    if any(not i.valid for i in infos):
+        raise _damage_error(infos)
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    root, step = I.resolve(args.ckpt_path)
+    if step is not None:
+        raise UserError(f"prune works on the checkpoint folder, not on one step: use {root}")
+    plan = I.prune(root, args.max_ckpt_num, args.max_ckpt_mem, dry_run=args.dry_run)
+    for note in plan.notes:
+        print(note)
+    verb = "would delete" if args.dry_run else "deleted"
+    for s in plan.delete:
+        print(f"{verb} global_step{s}")
+    print(f"kept {', '.join(f'global_step{s}' for s in plan.keep)}")
+    left = [s for s in plan.delete if (root / f"global_step{s}").exists()] if not args.dry_run else []
+    if left:
+        raise UserError(f"could not delete {', '.join(f'global_step{s}' for s in left)} (see the warning above)",
+                        exit_code=1)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    root, step = I.resolve(args.ckpt_path, args.step)
+    if step is None:
+        step = I.require_committed(root)[0]
+    path = I.step_path(root, step)
+    problems = I.verify(path)
+    if problems:
+        raise UserError(f"{path} is damaged, not exporting it: {'; '.join(problems[:3])}"
+                        f"{'; ...' if len(problems) > 3 else ''}", exit_code=DAMAGED)
+    export(path, args.output, tag=args.model, dtype=args.dtype, merge_lora=args.merge_lora, base=args.base)
+
+
+def _pick_engine(path: Path, tag: str | None) -> str:
+    tags = I.engines_of(path)
+    if not tags:
+        raise UserError(f"{path} holds no engine (neither DeepSpeed engine files nor a Hugging Face copy)")
+    if tag is None:
+        if len(tags) > 1:
+            raise UserError(f"{path} holds several engines ({', '.join(tags)}): choose one with --model")
+        return tags[0]
+    if tag not in tags:
+        raise UserError(f"--model {tag}: {path} holds {', '.join(tags)}")
+    return tag
+
+
+def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge_lora: bool, base: str | None) -> None:
+    """One engine of a verified checkpoint as a Hugging Face folder (a PEFT adapter for a LoRA run,
+    or merged into its base with ``merge_lora``), written to a temp folder and renamed to ``output``."""
+    from openrl_ckpt.checkpoint.manager import read_manifest
+    from openrl_ckpt.models import export as M
+    from openrl_ckpt.strategy.export import DTYPES, dtype_name, read_engine_weights
+
+    M.check_new_output(output)
+    tag = _pick_engine(path, tag)
+    hf_dir = path / I.HF_DIR / tag
+    if not hf_dir.is_dir():
+        raise UserError(f"{path} has no {I.HF_DIR}/{tag}/ (config and tokenizer recorded at save time), "
+                        f"so it cannot be exported")
+    adapter = M.is_adapter(hf_dir)
+    if merge_lora and not adapter:
+        raise UserError(f"--merge_lora: {path.name}/{tag} is not a LoRA run (no adapter config)")
+    want = DTYPES[dtype] if dtype else None
+    ds = any((path / tag).glob("*model_states.pt"))
+    if ds:
+        weights = read_engine_weights(path, tag, want)
+        train_dtype, state_dict = weights.train_dtype, weights.state_dict
+        source = f"ZeRO-{weights.zero_stage} {weights.source} weights"
+    elif I.has_hf_weights(hf_dir):  # --disable_ds_ckpt: the Hugging Face copy is all there is
+        train_dtype, state_dict, source = M.saved_dtype_of(hf_dir), None, "the Hugging Face copy"
+    else:
+        raise UserError(f"{path.name}/{tag} holds neither DeepSpeed engine files nor a Hugging Face copy with weights")
+    out_dtype = want or train_dtype
+    kind = "merged model" if merge_lora else "LoRA adapter" if adapter else "model"
+    print(f"exporting {path.name}/{tag} ({source}, trained in {dtype_name(train_dtype)}) as a {kind} "
+          f"in {dtype_name(out_dtype)} to {output}")
+    if not (hf_dir / "tokenizer_config.json").exists():
+        print(f"note: {path.name} recorded no tokenizer, so {output} has none")
+    with M.atomic_output(output) as tmp:
+        if merge_lora:
+            base = base or json.loads((hf_dir / M.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or (
+                read_manifest(path).get("meta") or {}).get("pretrain")
+            if not base or not Path(base).is_dir():
+                raise UserError(f"--merge_lora needs the base model, and {base!r} (the run's --pretrain) is not a "
+                                f"folder here: pass --base DIR")
+            with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".adapter-") as adapter_dir:
+                _write(Path(adapter_dir), state_dict, hf_dir, adapter, out_dtype, train_dtype)
+                M.merge_lora(base, Path(adapter_dir), tmp, dtype=out_dtype)
+        else:
+            _write(tmp, state_dict, hf_dir, adapter, out_dtype, train_dtype)
+    print(f"wrote {output}")
+
+
+def _write(out: Path, state_dict: dict[str, torch.Tensor] | None, hf_dir: Path, adapter: bool, dtype: torch.dtype,
+           train_dtype: torch.dtype) -> None:
+    from openrl_ckpt.models import export as M
+
+    if state_dict is None:
+        M.copy_hf_folder(hf_dir, out, dtype)
+    elif adapter:
+        M.write_adapter(state_dict, hf_dir, out)
+    else:
+        M.write_full_model(state_dict, hf_dir, out, dtype, train_dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    {"list": cmd_list, "verify": cmd_verify, "export": cmd_export, "prune": cmd_prune}[args.command](args)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run(main)
