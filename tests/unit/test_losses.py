@@ -25,3 +25,88 @@ def test_sft_loss_ignores_masked_tokens():
     loss, count = sft_loss(logits, ids, mask)
     assert count.item() == 1
     assert torch.allclose(loss, -token_logprobs(logits, ids)[0, 2])
+
+
+# ---- preference losses, each against its formula written out with math on plain floats
+
+from openrl_ckpt.models.loss import (dpo_loss, ipo_loss, kto_loss, pairwise_logexp_loss,  # noqa: E402
+                                     pairwise_sigmoid_loss, sequence_logps)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_pairwise_losses_with_margin():
+    c, r, m = _t(1.5, -0.2, 3.0), _t(0.5, 0.3, -1.0), _t(0.0, 0.25, 2.0)
+    for i in range(3):
+        expected_sigmoid = -math.log(_sigmoid(c[i].item() - r[i].item() - m[i].item()))
+        expected_logexp = math.log(1 + math.exp(r[i].item() - c[i].item() + m[i].item()))
+        assert abs(pairwise_sigmoid_loss(c, r, m)[i].item() - expected_sigmoid) < 1e-12
+        assert abs(pairwise_logexp_loss(c, r, m)[i].item() - expected_logexp) < 1e-12
+
+
+def test_pairwise_logexp_does_not_overflow():
+    loss = pairwise_logexp_loss(_t(-1000.0), _t(1000.0), _t(0.0))
+    assert loss.item() == 2000.0
+
+
+def test_dpo_sigmoid_loss():
+    pc, pr, rc, rr, beta = -10.0, -14.0, -11.0, -12.5, 0.1
+    h = (pc - rc) - (pr - rr)  # 1 - (-1.5) = 2.5
+    expected = -math.log(_sigmoid(beta * h))
+    assert abs(dpo_loss(_t(pc), _t(pr), _t(rc), _t(rr), beta).item() - expected) < 1e-12
+
+
+def test_cdpo_label_smoothing():
+    pc, pr, rc, rr, beta, eps = -3.0, -2.0, -3.5, -1.0, 0.5, 0.2
+    h = (pc - rc) - (pr - rr)
+    expected = -(1 - eps) * math.log(_sigmoid(beta * h)) - eps * math.log(_sigmoid(-beta * h))
+    assert abs(dpo_loss(_t(pc), _t(pr), _t(rc), _t(rr), beta, eps).item() - expected) < 1e-12
+
+
+def test_ipo_loss():
+    pc, pr, rc, rr, beta = -1.2, -2.0, -1.0, -1.5, 0.25
+    expected = (((pc - rc) - (pr - rr)) - 1 / (2 * beta)) ** 2
+    assert abs(ipo_loss(_t(pc), _t(pr), _t(rc), _t(rr), beta).item() - expected) < 1e-12
+
+
+def test_kto_desirable_and_undesirable_terms_with_clamped_kl():
+    policy, ref = _t(-5.0, -7.0), _t(-6.0, -6.5)
+    desirable = torch.tensor([True, False])
+    beta, wd, wu = 0.3, 1.5, 0.7
+    for kl in (0.4, -2.0):  # a negative estimate is clamped to 0
+        z = max(kl, 0.0)
+        expected = [wd * (1 - _sigmoid(beta * ((-5.0 + 6.0) - z))), wu * (1 - _sigmoid(beta * (z - (-7.0 + 6.5))))]
+        got = kto_loss(policy, ref, desirable, _t(kl)[0], beta, wd, wu)
+        assert torch.allclose(got, _t(*expected), atol=1e-12)
+
+
+def test_kto_kl_reference_point_carries_no_gradient():
+    policy = torch.tensor([-1.0], requires_grad=True)
+    kl = (policy * -3).sum()  # 3.0, built from the policy as the estimate is; not clamped
+    kto_loss(policy, torch.tensor([-2.0]), torch.tensor([True]), kl, 0.1).sum().backward()
+    s = _sigmoid(0.1 * ((-1.0 + 2.0) - 3.0))
+    assert abs(policy.grad.item() - (-0.1 * s * (1 - s))) < 1e-7
+
+
+def test_sequence_logps_sums_each_sequence_in_padded_and_packed_batches():
+    from openrl_ckpt.data.collate import sequence_batch
+
+    torch.manual_seed(0)
+    seqs, starts = [[3, 4, 5, 6], [7, 8], [1, 2, 3]], [2, 1, 0]
+    table = torch.randn(10, 10)  # logits depend on the current token only, so packing changes nothing
+    sums = {}
+    for packing in (False, True):
+        b = sequence_batch(seqs, starts, pad_token_id=0, packing=packing)
+        logits = table[b["input_ids"]]
+        sums[packing], counts = sequence_logps(logits, b["input_ids"], b["loss_mask"], b["segment"], 3)
+        assert counts.tolist() == [2.0, 1.0, 2.0]  # targets from max(start, 1) to the end
+    logp = torch.log_softmax(table, -1)
+    expected = [logp[4, 5] + logp[5, 6], logp[7, 8], logp[1, 2] + logp[2, 3]]
+    assert torch.allclose(sums[False], torch.stack(expected), atol=1e-6)
+    assert torch.allclose(sums[True], torch.stack(expected), atol=1e-6)
