@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from openrl_ckpt.errors import UserError
-from openrl_ckpt.models.actor import ModelConfig, attn_implementation, check_pretrain
+from openrl_ckpt.models.actor import ModelConfig, apply_lora, attn_implementation, check_pretrain
 
 _classes: dict[tuple[type, str], type] = {}
 
@@ -133,8 +133,8 @@ def load_reward_model(cfg: ModelConfig, head_prefix: str = "score", *, require_h
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora_rank > 0:
-        raise UserError("--lora_rank: LoRA on reward models is not supported yet")
+    if cfg.lora_rank > 0:  # adapters on the backbone, the head trained in full
+        model = apply_lora(model, cfg, causal_lm=False, modules_to_save=[head_prefix])
     return model
 
 
