@@ -30,6 +30,7 @@ from openrl_ckpt.errors import UserError
 
 HF_DIR = "hf"  # <step>/hf/<engine>/: config, tokenizer (and adapter config); the weights with --save_hf_ckpt
 BEST_KEY = "best"  # manifest meta and train state extra: {"step", "metric", "mode", "value"}
+EVAL_KEY = "eval"  # manifest meta: {metric: value} of the evaluation run at this checkpoint's step
 
 
 @dataclass
@@ -162,15 +163,36 @@ def describe(root: Path, step: int, quick: bool = False, check: bool = True) -> 
                           problems=verify(path, quick) if check else [])
 
 
+def _meta(root: Path, step: int) -> dict[str, Any]:
+    try:
+        return read_manifest(root / step_dir_name(step)).get("meta") or {}
+    except CheckpointError:
+        return {}
+
+
+def best_checkpoint(root: Path, metric: str, mode: str) -> tuple[int, float] | None:
+    """(step, value) of the committed checkpoint whose own evaluation (``meta.eval``, recorded when the
+    run evaluated at that step) is best; None when none was evaluated. Read from the manifests on disk,
+    so a resumed run, a failed save and ``ckpt prune`` all see the same best."""
+    scored = []
+    for step in committed_steps(root):
+        value = (_meta(root, step).get(EVAL_KEY) or {}).get(metric)
+        if isinstance(value, (int, float)):
+            scored.append((float(value), step))
+    if not scored:
+        return None
+    value, step = min(scored, key=lambda vs: (vs[0] if mode == "min" else -vs[0], -vs[1]))
+    return step, value
+
+
 def best_step(root: Path, steps: list[int]) -> int | None:
-    """The best checkpoint as recorded by the newest committed checkpoint that names one (--save_best_metric)."""
-    for step in steps:
-        try:
-            best = (read_manifest(root / step_dir_name(step)).get("meta") or {}).get(BEST_KEY)
-        except CheckpointError:
-            continue
-        if isinstance(best, dict) and isinstance(best.get("step"), int):
-            return best["step"]
+    """The best checkpoint under the rule the run recorded (--save_best_metric/--save_best_mode in the
+    newest manifest that names one)."""
+    for step in steps:  # newest first
+        spec = _meta(root, step).get(BEST_KEY)
+        if isinstance(spec, dict) and spec.get("metric") and spec.get("mode") in ("min", "max"):
+            best = best_checkpoint(root, spec["metric"], spec["mode"])
+            return best[0] if best else None
     return None
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from openrl_ckpt.checkpoint.comm import SingleProcessComm
-from openrl_ckpt.checkpoint.inspect import BEST_KEY, HF_DIR
+from openrl_ckpt.checkpoint.inspect import BEST_KEY, EVAL_KEY, HF_DIR, best_checkpoint
 from openrl_ckpt.checkpoint.manager import MANIFEST, CheckpointManager
 from openrl_ckpt.checkpoint.state import STATE_FILE, TrainState
 from openrl_ckpt.cli import ckpt, lora_combiner
@@ -39,8 +39,9 @@ def make_ckpt(tmp_path: Path, steps=(5, 10, 15), best: int | None = None, payloa
     m.prepare()
     for s in steps:
         meta = {"epoch": s // 10, "consumed_samples": 8 * s, "pretrain": "/nowhere"}
-        if best is not None and s >= best:
-            meta[BEST_KEY] = {"step": best, "metric": "eval_loss", "mode": "min", "value": 1.0}
+        if best is not None:  # evaluated at every step: the best has the lowest eval_loss
+            meta[EVAL_KEY] = {"eval_loss": 1.0 if s == best else 2.0 + s}
+            meta[BEST_KEY] = {"step": min(s, best), "metric": "eval_loss", "mode": "min"}
         m.save(state(s), engine_writer(payload), meta)
     return m.root
 
@@ -104,6 +105,13 @@ def test_list_marks_the_best_checkpoint(tmp_path, capsys):
     assert code == 0
     marked = [r.split()[0] for r in out.splitlines() if "[best]" in r]
     assert marked == ["10"]
+
+
+def test_best_checkpoint_by_mode(tmp_path):
+    root = make_ckpt(tmp_path, best=10)  # eval_loss: 7 at step 5, 1 at 10, 17 at 15
+    assert best_checkpoint(root, "eval_loss", "min") == (10, 1.0)
+    assert best_checkpoint(root, "eval_loss", "max") == (15, 17.0)
+    assert best_checkpoint(root, "eval_acc", "max") is None
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate", "missing", "no_manifest"])
