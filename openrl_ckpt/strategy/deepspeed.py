@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from openrl_ckpt.checkpoint.comm import TorchDistComm
+from openrl_ckpt.checkpoint.inspect import HF_DIR
 from openrl_ckpt.checkpoint.manager import CheckpointError, CheckpointManager, Resumed
 from openrl_ckpt.checkpoint.state import restore_rng, seed_everything
 from openrl_ckpt.errors import UserError
@@ -269,32 +271,79 @@ class DeepspeedStrategy:
 
     # ------------------------------------------------------------------ export
     def full_state_dict(self, engine_or_model: Any) -> dict[str, torch.Tensor] | None:
-        """The full weights on rank 0 (gathered under ZeRO-3), None on other ranks."""
+        """On rank 0, the weights a Hugging Face folder of this model holds; None on other ranks.
+
+        Gathered under ZeRO-3 one parameter at a time. A PEFT model gives its trainable (adapter)
+        weights only: that is all its folder holds, and the frozen base is never gathered.
+        """
         model = getattr(engine_or_model, "module", engine_or_model)
+        adapter_only = _is_peft(model)
         if self.cfg.zero_stage != 3:
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if self.is_rank_0 else None
+            if not self.is_rank_0:
+                return None
+            if adapter_only:
+                return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         import deepspeed
 
         out: dict[str, torch.Tensor] = {}
         for name, param in model.named_parameters():
+            if adapter_only and not param.requires_grad:
+                continue
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if self.is_rank_0:
                     out[name] = param.detach().cpu().clone()
-        if self.is_rank_0:
+        if self.is_rank_0 and not adapter_only:
+            persistent = set(model.state_dict())  # non-persistent buffers (rotary tables) are not saved
             for name, buf in model.named_buffers():
-                out[name] = buf.detach().cpu().clone()
+                if name in persistent:
+                    out[name] = buf.detach().cpu().clone()
         return out if self.is_rank_0 else None
 
-    def save_model(self, engine_or_model: Any, tokenizer: Any, save_path: str) -> None:
-        """A Hugging Face folder (safetensors, config, tokenizer), swapped in atomically."""
+    def write_hf(self, engine_or_model: Any, tokenizer: Any, folder: Path,
+                 state_dict: dict[str, torch.Tensor] | None) -> None:
+        """Rank 0 only: a Hugging Face folder (a PEFT adapter folder for a LoRA model) with config and
+        tokenizer; without ``state_dict``, everything but the weights."""
         model = getattr(engine_or_model, "module", engine_or_model)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            model.save_pretrained(folder, state_dict=state_dict or {}, safe_serialization=True)
+        except (RuntimeError, ValueError) as e:  # how safetensors reports a failed write
+            raise OSError(errno.EIO, str(e).strip().splitlines()[0][:200], str(folder)) from e
+        if state_dict is None:  # PEFT writes an empty adapter file for an empty state dict
+            for f in folder.glob("*.safetensors"):
+                f.unlink()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    def with_hf_files(self, stage: Callable[[Path], Callable[[], None] | None], engines: dict[str, Any],
+                      tokenizer: Any, weights: bool) -> Callable[[Path], Callable[[], None]]:
+        """``stage`` plus, for each engine, its Hugging Face folder under ``hf/<name>/`` in the checkpoint:
+        config, tokenizer (and adapter config) always, so an export needs nothing outside the checkpoint;
+        the weights too when ``weights`` (--save_hf_ckpt). Weights are gathered now (collective); rank 0
+        writes the files in the flush, where the manager gathers a failed write from every rank."""
+        def staged(tmp: Path) -> Callable[[], None]:
+            engine_flush = stage(tmp)
+            weights_of = {name: self.full_state_dict(e) if weights else None for name, e in engines.items()}
+
+            def flush() -> None:
+                if engine_flush is not None:
+                    engine_flush()
+                if self.is_rank_0:
+                    for name, engine in engines.items():
+                        self.write_hf(engine, tokenizer, tmp / HF_DIR / name, weights_of.pop(name))
+            return flush
+        return staged
+
+    def save_model(self, engine_or_model: Any, tokenizer: Any, save_path: str) -> None:
+        """A Hugging Face folder (safetensors, config, tokenizer; a PEFT adapter folder for a LoRA model),
+        swapped in atomically."""
         state_dict = self.full_state_dict(engine_or_model)
         if self.is_rank_0:
             target = Path(save_path)
             tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
             try:
-                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
+                self.write_hf(engine_or_model, tokenizer, tmp, state_dict)
                 old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
                 if target.exists():
                     os.rename(target, old)
@@ -303,8 +352,15 @@ class DeepspeedStrategy:
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise UserError(f"--save_path {save_path}: cannot write the model ({e.strerror or e})") from None
-            log.info("saved the Hugging Face model to %s", target)
+            log.info("saved the Hugging Face %s to %s", "adapter" if _is_peft(
+                getattr(engine_or_model, "module", engine_or_model)) else "model", target)
         self.barrier()
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def _cpu_adam(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
