@@ -102,3 +102,17 @@ def test_rm_step_is_the_pairwise_loss_of_its_rewards():
     expected = (-math.log(1 / (1 + math.exp(-1.5))) - math.log(1 / (1 + math.exp(-(-1.0 - 0.0 - 0.5))))) / 2
     assert abs(out.loss.item() - expected) < 1e-6
     assert out.metrics["acc"] == 0.5
+
+
+def test_packed_and_padded_batches_give_the_same_sequence_logps_and_rewards(tiny_model_dir):
+    from openrl_ckpt.models.actor import ModelConfig
+    from openrl_ckpt.models.reward import load_reward_model
+    from openrl_ckpt.trainers.common import batch_logps, model_inputs
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rm = load_reward_model(ModelConfig(pretrain=tiny_model_dir), require_head=False).eval()
+    padded, packed = pair_collate(PAIRS, pad_token_id=0), pair_collate(PAIRS, pad_token_id=0, packing=True)
+    with torch.no_grad():
+        assert torch.allclose(batch_logps(lm, padded, CPU)[0], batch_logps(lm, packed, CPU)[0], atol=1e-4)
+        rewards = [rm(**model_inputs(b, CPU), last_index=b["last"]) for b in (padded, packed)]
+    assert torch.allclose(*rewards, atol=1e-5)
