@@ -110,6 +110,7 @@ def test_packed_and_padded_batches_give_the_same_sequence_logps_and_rewards(tiny
     from openrl_ckpt.trainers.common import batch_logps, model_inputs
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    lm.config.use_cache = False  # as load_causal_lm sets it: packed rows need it (see collate)
     rm = load_reward_model(ModelConfig(pretrain=tiny_model_dir), require_head=False).eval()
     padded, packed = pair_collate(PAIRS, pad_token_id=0), pair_collate(PAIRS, pad_token_id=0, packing=True)
     with torch.no_grad():
