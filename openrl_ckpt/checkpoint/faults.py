@@ -1,8 +1,14 @@
 """Named fault points for crash tests: a deliberate kill, delay or I/O error at one place.
 
-Tests set ``OPENRL_FAULT=<point>[@<step>]:<action>`` where action is ``kill`` (SIGKILL this
-process, as a preemption or OOM kill would), ``sleep=<seconds>`` or ``raise=<ERRNO name>``.
-Unset in normal runs, so each call is a dictionary lookup.
+Tests set ``OPENRL_FAULT=<point>[@<step>]:<action>[:once=<file>]`` (several separated by commas)
+where action is ``kill`` (SIGKILL this process, as a preemption or OOM kill would),
+``sleep=<seconds>`` or ``raise=<ERRNO name>``. With ``once=<file>`` the fault fires in one process
+only, the first to create that file, and never again: a restarted run sees the same environment
+but no second crash. Unset in normal runs, so each call is a dictionary lookup.
+
+Points: ``step`` (every optimizer-step boundary of the training loop), ``write`` (before a save
+writes its engine files; in the background thread for --async_save), ``after_engines``,
+``before_commit``, ``after_commit``.
 """
 
 from __future__ import annotations
@@ -15,14 +21,25 @@ import time
 ENV = "OPENRL_FAULT"
 
 
+def _first_time(marker: str) -> bool:
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def fault_point(name: str, step: int | None = None) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
     for item in spec.split(","):
         where, _, action = item.partition(":")
+        action, _, once = action.partition(":once=")
         point, _, at_step = where.partition("@")
         if point != name or (at_step and step is not None and int(at_step) != step):
+            continue
+        if once and not _first_time(once):
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -19,10 +19,12 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 import uuid
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,7 +61,7 @@ def file_checksum(path: Path) -> str:
     return f"{crc:08x}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -75,7 +77,7 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def list_files(root: Path) -> list[str]:
@@ -167,11 +169,25 @@ def plan_rotation(
     return doomed
 
 
+# stage(tmp) writes the engine files into tmp, or captures them and returns the flush that writes them
+Stage = Callable[[Path], "Callable[[], None] | None"]
+
+
 @dataclass(frozen=True)
 class Resumed:
     step: int
     path: Path
     state: TrainState
+
+
+@dataclass
+class _Pending:
+    """A background save in flight."""
+
+    step: int
+    path: Path
+    thread: threading.Thread | None = None
+    error: Exception | None = None
 
 
 class CheckpointManager:
@@ -182,7 +198,8 @@ class CheckpointManager:
     files on node-local storage. Checksums are split across the ranks that share a storage.
     """
 
-    def __init__(self, ckpt_path: str, comm: Comm, *, max_ckpt_num: int, max_ckpt_mem_gb: float) -> None:
+    def __init__(self, ckpt_path: str, comm: Comm, *, max_ckpt_num: int, max_ckpt_mem_gb: float,
+                 background_comm: Comm | None = None) -> None:
         if max_ckpt_num < 1:
             raise UserError(f"--max_ckpt_num must be at least 1, got {max_ckpt_num}")
         if max_ckpt_mem_gb <= 0:
@@ -192,11 +209,19 @@ class CheckpointManager:
         self.max_ckpt_num = max_ckpt_num
         self.max_bytes = max_ckpt_mem_gb * 1e9
         self._group: list[int] = [comm.rank]
+        # The same ranks over a group of their own, for the collectives of background saves.
+        self.background_comm = background_comm
+        self._pending: _Pending | None = None
 
     # ------------------------------------------------------------------ set-up
     @property
     def is_leader(self) -> bool:
         return self._group[0] == self.comm.rank
+
+    @property
+    def shared_storage(self) -> bool:
+        """Whether every rank sees the same checkpoint folder (known after ``prepare``)."""
+        return len(self._group) == self.comm.world_size
 
     def prepare(self) -> None:
         """Create the folder, find which ranks share storage, remove what a crash left behind."""
@@ -282,31 +307,97 @@ class CheckpointManager:
     def save(
         self,
         state: TrainState,
-        write_engines: Callable[[Path], None],
+        stage: Stage,
         meta: dict[str, Any],
         pinned: frozenset[int] = frozenset(),
+        *,
+        background: bool = False,
     ) -> Path:
         """Write, verify and commit ``global_step<state.global_step>``; then rotate.
 
-        Any crash before the rename leaves only a ``.tmp-`` folder; the previous committed
-        checkpoint is never touched until the new one is committed.
+        ``stage(tmp)`` runs collectively on the calling thread and either writes the engine files
+        itself or returns a ``flush`` that writes what it captured. With ``background=True`` the
+        flush, checksums, manifest, commit and rotation run in a thread (over ``background_comm``)
+        and this returns once the state is staged; ``wait()`` joins it. Any crash before the rename
+        leaves only a ``.tmp-`` folder; the previous committed checkpoint is never touched until the
+        new one is committed.
         """
+        self.wait()  # one save at a time: a running background save commits (or fails) first
+        if background and self.background_comm is None:
+            raise ValueError("a background save needs a background_comm")
         step = state.global_step
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
         started = time.perf_counter()
 
-        self._leader_fs(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir()), tmp, "create")
-        write_engines(tmp)
-        fault_point("after_engines", step)
-
-        # Every rank's RNG goes into the one JSON state file.
+        self._leader_fs(self.comm, lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir()), tmp, "create")
+        try:
+            flush = stage(tmp)
+        except BaseException:
+            if self.is_leader:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # Every rank's RNG goes into the one JSON state file, captured now (training moves on).
         state.rng = self.comm.all_gather_object(capture_rng())
         state.world_size = self.comm.world_size
-        self._leader_fs(lambda: write_atomic(tmp / STATE_FILE, state.to_json()), tmp, "write train state")
+        job = partial(self._write_and_commit, step=step, tmp=tmp, final=final, flush=flush,
+                      state_json=state.to_json(), meta=meta, pinned=pinned, started=started)
+        if not background:
+            return job(self.comm)
+        assert self.background_comm is not None
+        if self.comm.rank == 0:
+            log.info("checkpoint step %d staged in host memory (training blocked %.2fs), writing %s in the "
+                     "background", step, time.perf_counter() - started, final)
+        pending = _Pending(step=step, path=final)
+        pending.thread = threading.Thread(target=self._run_background, args=(pending, job, self.background_comm),
+                                          name=f"checkpoint-save-{step}", daemon=True)
+        self._pending = pending
+        pending.thread.start()
+        return final
 
-        # Each rank lists its own storage (node-local storage differs per node) and hashes its share;
-        # an I/O error on any rank is gathered, so all ranks fail the save together instead of hanging.
+    def _run_background(self, pending: "_Pending", job: Callable[[Comm], Path], comm: Comm) -> None:
+        try:
+            job(comm)
+        except Exception as e:  # handed to the training thread, which raises it at its next check
+            pending.error = e
+            if self.comm.rank == 0:
+                log.error("%s", e)
+
+    def wait(self) -> Path | None:
+        """Block until the running background save has committed; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        assert pending.thread is not None
+        if pending.thread.is_alive() and self.comm.rank == 0:
+            log.info("waiting for the background save of %s", pending.path)
+        pending.thread.join()
+        if pending.error is not None:
+            raise pending.error
+        return pending.path
+
+    def background_failed(self) -> bool:
+        """Whether a background save has finished with an error (not yet raised by ``wait``)."""
+        p = self._pending
+        return p is not None and p.thread is not None and not p.thread.is_alive() and p.error is not None
+
+    def _write_and_commit(self, comm: Comm, *, step: int, tmp: Path, final: Path, flush: Callable[[], None] | None,
+                          state_json: str, meta: dict[str, Any], pinned: frozenset[int], started: float) -> Path:
+        # Engine files and the train state. An I/O error on any rank is gathered, so all ranks fail the
+        # save together instead of hanging, and the message names the path that failed.
+        err = None
+        try:
+            fault_point("write", step)
+            if flush is not None:
+                flush()
+            fault_point("after_engines", step)
+            if self.is_leader:
+                write_atomic(tmp / STATE_FILE, state_json)
+        except OSError as e:
+            err = f"checkpoint save failed: cannot write {e.filename or tmp} ({e.strerror or e})"
+        self._fail_together(comm, err, tmp)
+
+        # Each rank lists its own storage (node-local storage differs per node) and hashes its share.
         err, sums = None, {}
         try:
             sizes = {n: (tmp / n).stat().st_size for n in list_files(tmp)}
@@ -314,12 +405,8 @@ class CheckpointManager:
             fault_point("before_commit", step)
         except OSError as e:
             err = f"checkpoint save failed: cannot checksum {tmp} ({e.strerror or e})"
-        parts = self.comm.all_gather_object((err, sums))
-        errors = [e for e, _ in parts if e]
-        if errors:
-            if self.is_leader:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(errors[0])
+        parts = comm.all_gather_object((err, sums))
+        self._fail_together(comm, next((e for e, _ in parts if e), None), tmp, gathered=True)
         files: dict[str, Any] = {}
         for r in self._group:
             files.update(parts[r][1])
@@ -336,41 +423,50 @@ class CheckpointManager:
         def commit() -> None:
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
             for dirpath, _, _ in os.walk(tmp):
-                _fsync_dir(Path(dirpath))
+                fsync_dir(Path(dirpath))
             # A step saved again (a rerun that fell back past a damaged copy of it): move the old copy
             # aside, commit the new one, then delete; a crash in between leaves one of them in place.
             old = self.root / f"{DEL_PREFIX}{final.name}"
             if final.exists():
                 os.rename(final, old)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             write_atomic(self.root / LATEST, step_dir_name(step) + "\n")
             shutil.rmtree(old, ignore_errors=True)
 
-        self._leader_fs(commit, tmp, "commit")
+        self._leader_fs(comm, commit, tmp, "commit")
         fault_point("after_commit", step)
-        if self.comm.rank == 0:
-            log.info("saved checkpoint %s (%.2f GB, %.2fs)", final, manifest["total_bytes"] / 1e9,
-                     time.perf_counter() - started)
-        self.rotate(keep=step, pinned=pinned)
+        self.rotate(keep=step, pinned=pinned, comm=comm)
+        if comm.rank == 0:
+            log.info("saved checkpoint %s (%.2f GB, %.2fs%s)", final, manifest["total_bytes"] / 1e9,
+                     time.perf_counter() - started, "" if comm is self.comm else ", written in the background")
         return final
 
-    def _leader_fs(self, fn: Callable[[], object], tmp: Path, what: str) -> None:
+    def _fail_together(self, comm: Comm, err: str | None, tmp: Path, gathered: bool = False) -> None:
+        """If any rank failed, the leaders remove the temp dir and every rank raises the same error."""
+        errors = [err] if gathered else comm.all_gather_object(err)
+        first = next((e for e in errors if e), None)
+        if first:
+            if self.is_leader:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(first)
+
+    def _leader_fs(self, comm: Comm, fn: Callable[[], object], tmp: Path, what: str) -> None:
         """Run a file-system step on the leaders; if any fails, all ranks raise the same error."""
         err = None
         if self.is_leader:
             try:
                 fn()
             except OSError as e:
-                shutil.rmtree(tmp, ignore_errors=True)
                 err = f"checkpoint save failed: cannot {what} in {tmp} ({e.strerror or e})"
-        errors = [e for e in self.comm.all_gather_object(err) if e]
-        if errors:
-            raise CheckpointError(errors[0])
+        self._fail_together(comm, err, tmp)
 
     # ------------------------------------------------------------------ rotation
-    def rotate(self, keep: int, pinned: frozenset[int] = frozenset()) -> list[int]:
-        """Delete the oldest committed checkpoints beyond --max_ckpt_num / --max_ckpt_mem."""
+    def rotate(self, keep: int, pinned: frozenset[int] = frozenset(), comm: Comm | None = None) -> list[int]:
+        """Delete the oldest committed checkpoints beyond --max_ckpt_num / --max_ckpt_mem.
+
+        A deletion that fails (permissions) is a warning: the new checkpoint is committed already.
+        """
         doomed: list[int] = []
         if self.is_leader:
             committed = [(s, self._size(s)) for s in self.committed_steps()]
@@ -379,14 +475,18 @@ class CheckpointManager:
                 path = self.root / step_dir_name(s)
                 # Un-commit by rename first: a crash mid-delete never leaves a half folder that looks committed.
                 trash = self.root / f"{DEL_PREFIX}{path.name}"
-                os.rename(path, trash)
+                try:
+                    os.rename(path, trash)
+                except OSError as e:
+                    log.warning("cannot rotate out checkpoint %s (%s); it stays", path, e.strerror or e)
+                    continue
                 shutil.rmtree(trash, ignore_errors=True)
                 log.info("rotated out checkpoint %s", path)
             total = sum(size for s, size in committed if s not in doomed)
             if total > self.max_bytes:
                 log.warning("checkpoints in %s take %.2f GB, above --max_ckpt_mem %.2f GB, but the newest "
                             "is always kept", self.root, total / 1e9, self.max_bytes / 1e9)
-        self.comm.barrier()
+        (comm or self.comm).barrier()
         return doomed
 
     def _size(self, step: int) -> int:

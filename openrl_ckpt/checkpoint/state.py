@@ -99,10 +99,11 @@ def incompatibility(saved: TrainState, current: TrainState) -> str | None:
     if saved.global_batch_size != current.global_batch_size:
         return (f"it was saved with --train_batch_size {saved.global_batch_size}, this run uses "
                 f"{current.global_batch_size}")
-    if None not in (saved.zero_stage, current.zero_stage) and saved.zero_stage != current.zero_stage:
-        return (f"it was saved with --zero_stage {saved.zero_stage}, this run uses {current.zero_stage}; "
-                f"resume with the same stage")
-    if saved.world_size != current.world_size:
-        return (f"it was saved on {saved.world_size} ranks and this run has {current.world_size}; "
-                f"resume with the same number of ranks")
+    # Another world size always resumes (the data position is global; ZeRO partitions go through
+    # DeepSpeed's universal format), and so does a change between ZeRO-1 and ZeRO-2, which share
+    # the optimizer layout that format restores; other stage changes do not load.
+    stages = {saved.zero_stage, current.zero_stage}
+    if None not in stages and len(stages) > 1 and stages != {1, 2}:
+        return (f"it was saved with --zero_stage {saved.zero_stage}, this run uses {current.zero_stage}; resume "
+                f"with --zero_stage {saved.zero_stage} (only a change between stages 1 and 2 is converted)")
     return None

@@ -96,6 +96,12 @@ def add_ckpt_args(p: argparse.ArgumentParser, default_ckpt: str) -> None:
     bool_flag(g, "--load_checkpoint", "resume from the newest valid checkpoint in --ckpt_path, if any")
     g.add_argument("--max_ckpt_num", type=int, default=3)
     g.add_argument("--max_ckpt_mem", type=float, default=1e8, help="GB that checkpoints may take")
+    g.add_argument("--save_interval_mins", type=float, default=0.0,
+                   help="also save when this many minutes passed since the last save (rank 0's clock); 0: off")
+    bool_flag(g, "--async_save", "copy the checkpoint to host memory, then write and commit it in the background")
+    g.add_argument("--ckpt_on_error", choices=["stop", "continue"], default="stop",
+                   help="a save that fails (disk full, permissions): stop the run with an error, or keep "
+                   "training and try again at the next save")
 
 
 def add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -140,10 +146,13 @@ def loop_config(args: argparse.Namespace, algorithm: str) -> "LoopConfig":
     """The shared loop's settings from the shared flags: every CLI gets new loop flags from here."""
     from openrl_ckpt.trainers.base import LoopConfig
 
+    if args.save_interval_mins < 0:
+        raise UserError(f"--save_interval_mins must be positive (or 0 for off), got {args.save_interval_mins}")
     return LoopConfig(algorithm=algorithm, max_epochs=args.max_epochs, seed=args.seed, ckpt_path=args.ckpt_path,
                       logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
                       load_checkpoint=args.load_checkpoint, max_ckpt_num=args.max_ckpt_num,
-                      max_ckpt_mem=args.max_ckpt_mem)
+                      max_ckpt_mem=args.max_ckpt_mem, save_interval_mins=args.save_interval_mins,
+                      async_save=args.async_save, ckpt_on_error=args.ckpt_on_error)
 
 
 def tracker_config(args: argparse.Namespace) -> "TrackerConfig":
@@ -155,11 +164,15 @@ def tracker_config(args: argparse.Namespace) -> "TrackerConfig":
 
 
 def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Run a CLI main: user errors become ``error: ...`` on one line and a non-zero exit."""
+    """Run a CLI main: user errors become ``error: ...`` on one line and a non-zero exit; a run
+    stopped by SIGTERM/SIGUSR1 exits 0 once its checkpoint is committed (the loop logged which)."""
     from openrl_ckpt.checkpoint.manager import CheckpointError
+    from openrl_ckpt.checkpoint.preemption import Preempted
 
     try:
         main(argv)
+    except Preempted as e:
+        sys.exit(e.exit_code)
     except UserError as e:
         if _is_rank_0():
             print(f"error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 import math
@@ -9,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from openrl_ckpt.checkpoint.comm import TorchDistComm
 from openrl_ckpt.checkpoint.inspect import HF_DIR
-from openrl_ckpt.checkpoint.manager import CheckpointError, CheckpointManager, Resumed
+from openrl_ckpt.checkpoint.manager import TMP_PREFIX, CheckpointError, CheckpointManager, Resumed, Stage
 from openrl_ckpt.checkpoint.state import restore_rng, seed_everything
+from openrl_ckpt.checkpoint.universal import convert_to_universal, needs_universal
 from openrl_ckpt.errors import UserError
 
 log = logging.getLogger("openrl_ckpt")
@@ -242,32 +245,106 @@ class DeepspeedStrategy:
         dist.barrier()
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_manager(self, ckpt_path: str, max_ckpt_num: int, max_ckpt_mem_gb: float) -> CheckpointManager:
+    def checkpoint_manager(self, ckpt_path: str, max_ckpt_num: int, max_ckpt_mem_gb: float,
+                           background: bool = False) -> CheckpointManager:
+        """``background``: give the manager a process group of its own for background saves."""
         manager = CheckpointManager(ckpt_path, TorchDistComm(), max_ckpt_num=max_ckpt_num,
-                                    max_ckpt_mem_gb=max_ckpt_mem_gb)
+                                    max_ckpt_mem_gb=max_ckpt_mem_gb,
+                                    background_comm=TorchDistComm(private=True) if background else None)
         manager.prepare()
         return manager
 
-    def save_engines(self, engines: dict[str, Any]) -> Callable[[Path], None]:
-        def write(tmp: Path) -> None:
+    def save_engines(self, engines: dict[str, Any], host_copy: bool = False) -> Stage:
+        """The manager's ``stage``: each engine's ``save_checkpoint`` with its file writes held back and
+        returned as one ``flush``, so the manager gathers a failed write from every rank and names the
+        file. ``host_copy`` copies the state to host memory first (the only part that blocks training
+        under --async_save); without it the flush must run before the next optimizer step."""
+        def stage(tmp: Path) -> Callable[[], None]:
+            writes: list[tuple[Any, Any, str]] = []
             for name, engine in engines.items():
                 exclude_frozen = any(not p.requires_grad for p in engine.module.parameters())
-                engine.save_checkpoint(str(tmp), tag=name, client_state={}, save_latest=False,
-                                       exclude_frozen_parameters=exclude_frozen)
-        return write
+                real = engine.checkpoint_engine
+                engine.checkpoint_engine = _DeferredWrites(real, writes, host_copy)
+                try:
+                    engine.save_checkpoint(str(tmp), tag=name, client_state={}, save_latest=False,
+                                           exclude_frozen_parameters=exclude_frozen)
+                finally:
+                    engine.checkpoint_engine = real
+            if host_copy and torch.cuda.is_available():
+                torch.cuda.synchronize()  # the device-to-host copies are complete before training moves on
+
+            def flush() -> None:
+                while writes:
+                    writer, state, path = writes.pop(0)  # popped: each host copy is freed once written
+                    try:
+                        writer.save(state, path)
+                    except RuntimeError as e:  # torch's file writer reports a failed write this way
+                        raise OSError(errno.EIO, str(e).strip().splitlines()[0][:200], path) from e
+            return flush
+        return stage
 
     def load_engines(self, resumed: Resumed, engines: dict[str, Any]) -> None:
-        """Load model, optimizer and scheduler of each engine, then this rank's RNG."""
+        """Load model, optimizer and scheduler of each engine, then this rank's RNG.
+
+        A checkpoint saved on another world size or ZeRO stage is converted to DeepSpeed's universal
+        format first (by rank 0, into a temp folder beside it that is removed after loading); the
+        committed checkpoint itself is never modified.
+        """
+        saved = resumed.state
+        elastic = saved.world_size != self.world_size or saved.zero_stage not in (None, self.cfg.zero_stage)
+        universal = None
+        if elastic and any(needs_universal(resumed.path / name) for name in engines):
+            universal = resumed.path.parent / f"{TMP_PREFIX}universal-{resumed.path.name}"
+            if self.is_rank_0:
+                log.info("%s was saved on %d rank(s) with ZeRO-%s and this run has %d with ZeRO-%d: converting it "
+                         "to DeepSpeed's universal checkpoint format in %s", resumed.path, saved.world_size,
+                         saved.zero_stage, self.world_size, self.cfg.zero_stage, universal)
+                if self.cfg.zero_stage == 3:
+                    log.warning("ZeRO-3 on another world size: DeepSpeed's universal load continues the run "
+                                "but not bit for bit (a few 1e-5 in the weights after a few steps on a tiny "
+                                "model); ZeRO-1/2 and ZeRO-0 continue exactly up to summation order")
+            err = None
+            if self.is_rank_0:
+                started = time.perf_counter()
+                try:
+                    for name in engines:
+                        convert_to_universal(resumed.path, name, universal)
+                        self._universal_model_states(universal / name)
+                    log.info("converted %s to the universal format in %.1fs", resumed.path,
+                             time.perf_counter() - started)
+                except (OSError, ValueError, RuntimeError, AssertionError) as e:
+                    err = f"cannot convert {resumed.path} to the universal format for this world size: {e}"
+            err = TorchDistComm().broadcast_object(err)
+            if err:
+                raise CheckpointError(err)
         for name, engine in engines.items():
             frozen = any(not p.requires_grad for p in engine.module.parameters())
-            path, _ = engine.load_checkpoint(str(resumed.path), tag=name, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True, load_module_strict=not frozen)
+            engine._config.load_universal_checkpoint = universal is not None
+            try:
+                path, _ = engine.load_checkpoint(str(universal or resumed.path), tag=name,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                 load_module_strict=not frozen)
+            finally:
+                engine._config.load_universal_checkpoint = False
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load {resumed.path}/{name}")
-        if resumed.state.world_size == self.world_size and len(resumed.state.rng) == self.world_size:
-            restore_rng(resumed.state.rng[self.rank])
+        if universal is not None:
+            self.barrier()
+            if self.is_rank_0:
+                shutil.rmtree(universal, ignore_errors=True)
+        if saved.world_size == self.world_size and len(saved.rng) == self.world_size:
+            restore_rng(saved.rng[self.rank])
         else:
             seed_everything(self.cfg.seed + resumed.step)
+
+    def _universal_model_states(self, folder: Path) -> None:
+        """A universal load takes the weights from ``zero/`` and only counters and the LR schedule from
+        the model-states file, which this ZeRO stage looks up under its own name: link it there when the
+        checkpoint was saved under another stage's name."""
+        want = folder / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if self.cfg.zero_stage == 3
+                         else "mp_rank_00_model_states.pt")
+        if not want.exists():
+            os.link(min(folder.glob("*mp_rank_00_model_states.pt")), want)
 
     # ------------------------------------------------------------------ export
     def full_state_dict(self, engine_or_model: Any) -> dict[str, torch.Tensor] | None:
@@ -384,7 +461,42 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions weights into 1-D shards at load time
+        (no_decay if ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
+
+class _DeferredWrites:
+    """Stands in for an engine's checkpoint engine during ``save_checkpoint``: each file write is
+    queued (its state copied to host memory first when ``host_copy``), everything else goes to the
+    engine's own checkpoint engine, which later writes the queued files in DeepSpeed's format."""
+
+    def __init__(self, real: Any, queue: list[tuple[Any, Any, str]], host_copy: bool) -> None:
+        self._real = real
+        self._queue = queue
+        self._host_copy = host_copy
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self._queue.append((self._real, _to_host(state_dict) if self._host_copy else state_dict, path))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def _to_host(obj: Any) -> Any:
+    """A copy of a (nested) state dict whose tensors are new CPU tensors, so training can go on
+    changing the originals while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the mapping's type (OrderedDict, defaultdict)
+        for k, v in obj.items():
+            out[k] = _to_host(v)
+        return out
+    if isinstance(obj, list):
+        return [_to_host(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_to_host(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return copy.deepcopy(obj)

@@ -6,16 +6,21 @@ into a loss (SFT, RM, DPO, KTO, KD); everything about counting, saving and resum
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from openrl_ckpt.checkpoint.manager import CheckpointManager
+from openrl_ckpt.checkpoint.faults import fault_point
+from openrl_ckpt.checkpoint.manager import CheckpointError, CheckpointManager
+from openrl_ckpt.checkpoint.preemption import Preempted, StopRequests, signal_name
 from openrl_ckpt.checkpoint.state import TrainState, incompatibility
 from openrl_ckpt.data.sampler import EvalSampler, ResumableDistributedSampler
 from openrl_ckpt.errors import UserError
@@ -23,6 +28,10 @@ from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
 from openrl_ckpt.utils.tracking import Tracker
 
 log = logging.getLogger("openrl_ckpt")
+
+# Debug aid for data-position tests: a folder where each rank appends, per optimizer step, the
+# ``index`` of every sample it trained on (``rank<R>.jsonl``: {"step": N, "ids": [...]}).
+SAMPLE_LOG_ENV = "OPENRL_SAMPLE_LOG"
 
 
 @dataclass
@@ -59,6 +68,19 @@ class LoopConfig:
     max_ckpt_num: int = 3
     max_ckpt_mem: float = 1e8
     shuffle: bool = True
+    save_interval_mins: float = 0.0  # also save when this many minutes passed since the last save (0: off)
+    async_save: bool = False  # write checkpoints in a background thread
+    ckpt_on_error: str = "stop"  # a failed save stops the run ("stop") or training goes on ("continue")
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the run has a checkpoint folder: saves on a cadence or resumes from one. Only then
+        does a stop request (preemption) commit a checkpoint."""
+        return self.save_steps > 0 or self.save_interval_mins > 0 or self.load_checkpoint
+
+    @property
+    def periodic_saves(self) -> bool:
+        return self.save_steps > 0 or self.save_interval_mins > 0
 
 
 @dataclass(frozen=True)
@@ -138,38 +160,63 @@ class Trainer:
         problem = incompatibility(resumed.state, self.state)
         if problem:
             raise UserError(f"--load_checkpoint: {resumed.path} cannot continue this run: {problem}")
+        assert manager is not None
+        if resumed.state.world_size != self.s.world_size and not manager.shared_storage:
+            raise UserError(f"--load_checkpoint: {resumed.path} was saved on {resumed.state.world_size} ranks and this "
+                            f"run has {self.s.world_size}; converting it needs every rank's files, but --ckpt_path "
+                            f"is on node-local storage: resume on {resumed.state.world_size} ranks or use shared storage")
         self.s.load_engines(resumed, self.engines)
         self.state = resumed.state
         self.state.world_size = self.s.world_size
+        self.state.zero_stage = self.s.cfg.zero_stage
         self.algo.load_state_dict(self.state.extra.get(self.cfg.algorithm, {}))
         log.info("resumed from %s: step %d/%d, epoch %d, %d samples consumed", resumed.path,
                  self.state.global_step, self.total_steps, self.state.epoch, self.state.consumed_samples)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainState:
-        cfg, s = self.cfg, self.s
-        manager = s.checkpoint_manager(cfg.ckpt_path, cfg.max_ckpt_num, cfg.max_ckpt_mem) if (
-            cfg.save_steps > 0 or cfg.load_checkpoint) else None
-        self._resume(manager)
-        st = self.state  # replaced by the checkpoint's state on resume
-        tc = self.tracker_cfg
-        tracker = Tracker(enabled=s.is_rank_0, use_wandb=tc.use_wandb, wandb_project=tc.wandb_project,
-                          wandb_run_name=tc.wandb_run_name, wandb_group=tc.wandb_group, wandb_org=tc.wandb_org,
-                          use_tensorboard=tc.use_tensorboard, config=tc.run_config,
-                          wandb_run_id=st.extra.get("wandb_run_id"), start_step=st.global_step)
-        if tracker.run_id:
-            st.extra["wandb_run_id"] = tracker.run_id
+        """Train to the end; raises ``Preempted`` after a stop request (SIGTERM/SIGUSR1) has been
+        handled: the step finished, a checkpoint committed, the run not exported."""
+        cfg = self.cfg
+        manager = self.s.checkpoint_manager(cfg.ckpt_path, cfg.max_ckpt_num, cfg.max_ckpt_mem,
+                                            background=cfg.async_save) if cfg.checkpointing else None
+        with StopRequests() as stop:
+            self._resume(manager)
+            tc = self.tracker_cfg
+            tracker = Tracker(enabled=self.s.is_rank_0, use_wandb=tc.use_wandb, wandb_project=tc.wandb_project,
+                              wandb_run_name=tc.wandb_run_name, wandb_group=tc.wandb_group,
+                              wandb_org=tc.wandb_org, use_tensorboard=tc.use_tensorboard, config=tc.run_config,
+                              wandb_run_id=self.state.extra.get("wandb_run_id"), start_step=self.state.global_step)
+            if tracker.run_id:
+                self.state.extra["wandb_run_id"] = tracker.run_id
+            try:
+                stopped_by = self._loop(manager, tracker, stop)
+                if stopped_by is not None:
+                    self._preempted(manager, stopped_by, stop)
+                if manager is not None:
+                    self._wait(manager, must_commit=False)
+            finally:
+                tracker.close()
+        return self.state
+
+    def _loop(self, manager: CheckpointManager | None, tracker: Tracker, stop: StopRequests) -> str | None:
+        """The epochs; returns who asked to stop (e.g. ``SIGTERM on rank 1``) or None at the end."""
+        cfg, s, st = self.cfg, self.s, self.state
         gas = s.grad_accum
         # On rank 0 the bar shows on a terminal only (disable=None), so piped logs keep plain step lines.
         bar = tqdm(total=self.total_steps, initial=st.global_step, disable=None if s.is_rank_0 else True,
                    desc=cfg.algorithm, dynamic_ncols=True)
+        samples = _SampleLog(os.environ.get(SAMPLE_LOG_ENV), s.rank)
         window: dict[str, float] = {}
         window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
         last_saved = st.global_step if st.global_step > 0 else -1
+        last_save_time = time.monotonic()  # rank 0's clock decides --save_interval_mins for all ranks
+        stopped_by = None
         self.engine.train()
-        while st.global_step < self.total_steps:
+        while st.global_step < self.total_steps and stopped_by is None:
             self.sampler.set_consumed(st.consumed_samples)
             for micro, batch in enumerate(self.loader):
+                samples.add(batch)
                 out = self.algo.train_step(batch)
                 s.backward(out.loss, self.engine)
                 s.optimizer_step(self.engine)
@@ -183,6 +230,7 @@ class Trainer:
                 st.micro_step += gas
                 st.consumed_samples += s.cfg.train_batch_size
                 st.epoch = st.consumed_samples // self.sampler.epoch_positions
+                samples.step(st.global_step)
                 bar.update(1)
                 if st.global_step % cfg.logging_steps == 0 or st.global_step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
@@ -192,29 +240,88 @@ class Trainer:
                                    epoch=st.consumed_samples / self.sampler.epoch_positions)
                     self._log(metrics, tracker)
                     window, window_micro, window_tokens, window_start = {}, 0, 0, time.perf_counter()
+                fault_point("step", st.global_step)
+                # One small all-reduce per step: a stop request on any rank, rank 0's save clock and a
+                # failed background save all become every rank's decision at this same step.
+                time_due = (s.is_rank_0 and cfg.save_interval_mins > 0
+                            and time.monotonic() - last_save_time >= cfg.save_interval_mins * 60)
+                agreed = s.all_reduce({"stop_rank": float(s.rank + 1) if stop.requested else 0.0,
+                                       "signal": float(stop.signum or 0), "time_due": float(time_due),
+                                       "save_failed": float(manager is not None and manager.background_failed())},
+                                      op="max")
+                if agreed["stop_rank"]:
+                    stopped_by = f"{signal_name(int(agreed['signal']))} on rank {int(agreed['stop_rank']) - 1}"
+                    if s.is_rank_0:
+                        log.info("stop requested (%s): step %d/%d is done, saving a checkpoint and exiting",
+                                 stopped_by, st.global_step, self.total_steps)
+                    break
+                if manager is not None and agreed["save_failed"]:
+                    self._wait(manager, must_commit=False)
                 if self.eval_loader is not None and cfg.eval_steps > 0 and st.global_step % cfg.eval_steps == 0:
                     self._log(self.evaluate(), tracker)
-                if manager is not None and cfg.save_steps > 0 and st.global_step % cfg.save_steps == 0:
+                cadence = cfg.save_steps > 0 and st.global_step % cfg.save_steps == 0
+                if manager is not None and (cadence or agreed["time_due"]):
                     self.save(manager)
-                    last_saved = st.global_step
+                    last_saved, last_save_time = st.global_step, time.monotonic()
                 if st.global_step >= self.total_steps:
                     break
-            if self.eval_loader is not None and cfg.eval_steps <= 0 and (
+            if stopped_by is None and self.eval_loader is not None and cfg.eval_steps <= 0 and (
                     st.consumed_samples % self.sampler.epoch_positions == 0):
                 self._log(self.evaluate(), tracker)  # --eval_steps -1: once per epoch
         bar.close()
-        if manager is not None and cfg.save_steps > 0 and last_saved != st.global_step:
+        if stopped_by is None and manager is not None and cfg.periodic_saves and last_saved != st.global_step:
             self.save(manager)  # the finished state, so a rerun of the same command only re-exports
-        tracker.close()
-        return st
+        return stopped_by
 
-    def save(self, manager: CheckpointManager) -> None:
+    def _preempted(self, manager: CheckpointManager | None, stopped_by: str, stop: StopRequests) -> None:
+        st = self.state
+        if manager is None:
+            msg = (f"stopped by {stopped_by} after step {st.global_step}/{self.total_steps} without a checkpoint: "
+                   f"checkpointing is off (set --save_steps, --save_interval_mins or --load_checkpoint)")
+            if self.s.is_rank_0:
+                log.error("%s", msg)
+            raise Preempted(msg, None)
+        path = self.save(manager, must_commit=True)
+        extra = f" ({stop.count} stop signals on this rank; the save went on unchanged)" if stop.count > 1 else ""
+        msg = (f"preempted by {stopped_by}: checkpoint {path} committed at step {st.global_step}/{self.total_steps}; "
+               f"rerun the same command with --load_checkpoint to continue{extra}")
+        if self.s.is_rank_0:
+            log.info("%s", msg)
+        raise Preempted(msg, path)
+
+    def save(self, manager: CheckpointManager, must_commit: bool = False) -> Path | None:
+        """Commit a checkpoint of the current state (under --async_save: stage it and write it in the
+        background). ``must_commit`` waits for the commit and raises on failure whatever
+        --ckpt_on_error says; otherwise a failure follows --ckpt_on_error. Returns the committed (or
+        background) path, None when the save failed and the run goes on."""
+        self._wait(manager, must_commit=False)  # a failed background save: stop, or go on and save again now
         self.state.extra[self.cfg.algorithm] = self.algo.state_dict()
         meta = dict(self.meta, algorithm=self.cfg.algorithm, zero_stage=self.s.cfg.zero_stage,
                     global_batch_size=self.s.cfg.train_batch_size, world_size=self.s.world_size,
                     model_fingerprint=self.state.model_fingerprint, epoch=self.state.epoch,
                     consumed_samples=self.state.consumed_samples)
-        manager.save(self.state, self.s.save_engines(self.engines), meta)
+        try:
+            path = manager.save(self.state, self.s.save_engines(self.engines, host_copy=self.cfg.async_save), meta,
+                                background=self.cfg.async_save)
+            if must_commit:
+                manager.wait()
+            return path
+        except CheckpointError as e:
+            self._save_failed(e, must_commit)
+            return None
+
+    def _wait(self, manager: CheckpointManager, must_commit: bool) -> None:
+        """Wait for the background save in flight, if any; its failure is handled like a failed save."""
+        try:
+            manager.wait()
+        except CheckpointError as e:
+            self._save_failed(e, must_commit)
+
+    def _save_failed(self, e: CheckpointError, must_commit: bool) -> None:
+        if must_commit or self.cfg.ckpt_on_error == "stop":
+            raise e
+        if self.s.is_rank_0:
+            log.error("%s; training goes on (--ckpt_on_error continue) and the next save tries again", e)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -243,3 +350,24 @@ class Trainer:
         text = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         tqdm.write(f"step {step}/{self.total_steps} {text}")
         tracker.log(metrics, step)
+
+
+class _SampleLog:
+    """Per rank, the sample ``index`` values of each optimizer step, appended to ``<folder>/rank<R>.jsonl``
+    (off unless the OPENRL_SAMPLE_LOG folder is set)."""
+
+    def __init__(self, folder: str | None, rank: int) -> None:
+        self.path = Path(folder) / f"rank{rank}.jsonl" if folder else None
+        self.ids: list[int] = []
+
+    def add(self, batch: dict[str, Any]) -> None:
+        if self.path is not None and "index" in batch:
+            self.ids.extend(int(i) for i in batch["index"])
+
+    def step(self, step: int) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "ids": self.ids}) + "\n")
+        self.ids = []

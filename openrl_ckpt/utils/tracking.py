@@ -43,8 +43,9 @@ class Tracker:
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a crashed run wrote past its last checkpoint, so curves stay continuous
-            self.tb = SummaryWriter(log_dir=use_tensorboard, purge_step=start_step or None)
+            # purge_step drops events a crashed run wrote after its last checkpoint (step start_step, whose
+            # own metrics were logged before it was saved), so curves stay continuous
+            self.tb = SummaryWriter(log_dir=use_tensorboard, purge_step=start_step + 1 if start_step else None)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.wandb is not None:

@@ -37,7 +37,9 @@ def test_incompatibility_reasons():
     assert "different model" in incompatibility(base(model_fingerprint="g"), base())
     assert "--train_batch_size 16" in incompatibility(base(global_batch_size=16), base())
     assert "--zero_stage 3" in incompatibility(base(zero_stage=3), base(zero_stage=2))
-    assert "on 4 ranks" in incompatibility(base(world_size=4), base())
+    assert "--zero_stage 0" in incompatibility(base(zero_stage=0), base(zero_stage=2))
+    assert incompatibility(base(zero_stage=2), base(zero_stage=1)) is None, "ZeRO-1 <-> 2 converts"
+    assert incompatibility(base(world_size=4), base()) is None, "another world size resumes (universal format)"
 
 
 def test_step_saved_again_replaces_the_old_copy(tmp_path):
@@ -48,6 +50,8 @@ def test_step_saved_again_replaces_the_old_copy(tmp_path):
     m.prepare()
     state = TrainState(algorithm="sft", global_batch_size=8, world_size=1, model_fingerprint="f", global_step=4)
     for payload in (b"old", b"new"):
-        m.save(state, lambda tmp, p=payload: (tmp / "w.bin").write_bytes(p), meta={})
+        def write(tmp, p=payload):
+            (tmp / "w.bin").write_bytes(p)
+        m.save(state, write, meta={})
     assert (tmp_path / "global_step4" / "w.bin").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step4", "latest"]
