@@ -33,7 +33,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_pids() -> list[int]:
+def rank_pids(module: str) -> list[int]:
     """Processes below the launcher that run the training module."""
     pids = []
     for d in Path("/proc").iterdir():
@@ -44,7 +44,7 @@ def rank_pids() -> list[int]:
         except OSError:
             continue
         # the launcher's own processes name the module too; the ranks are the ones DeepSpeed gave --local_rank
-        if "openrl_ckpt.cli.train_sft" in cmd and "--local_rank" in cmd and "deepspeed.launcher" not in cmd:
+        if module in cmd and "--local_rank" in cmd and "deepspeed.launcher" not in cmd:
             pids.append(int(d.name))
     return pids
 
@@ -57,6 +57,60 @@ def vm_hwm_gb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def run_cli(module: str, cli: list[str], ranks: int) -> dict:
+    """Launch ``module`` under deepspeed and watch it: log text, peak RSS per rank, launch to first step,
+    and the wall-clock arrival of each logged step (seconds per step, whatever the tool logs)."""
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port",
+           str(free_port()), "--module", module, *cli]
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONPATH=str(REPO),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // ranks))),
+               PYTHONUNBUFFERED="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    peaks: dict[int, float] = {}
+
+    def poll() -> None:
+        while proc.poll() is None:
+            for pid in rank_pids(module):
+                hwm = vm_hwm_gb(pid)
+                if hwm is not None:
+                    peaks[pid] = max(peaks.get(pid, 0.0), hwm)
+            time.sleep(0.5)
+
+    threading.Thread(target=poll, daemon=True).start()
+    log_lines, step_times = [], {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log_lines.append(line)
+        m = re.match(r"step (\d+)/\d+ .*lr ", line)  # training step lines (eval lines carry no lr)
+        if m:
+            step_times.setdefault(int(m.group(1)), time.perf_counter() - started)
+    proc.wait()
+    text = "".join(log_lines)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark run failed ({proc.returncode}):\n{text[-3000:]}")
+    return {"text": text, "peaks": peaks, "step_times": step_times, "wall_s": time.perf_counter() - started}
+
+
+def seconds_per_step(step_times: dict[int, float], warmup: int) -> float | None:
+    """Median gap between consecutive logged steps after ``warmup`` steps."""
+    steps = sorted(s for s in step_times if s > warmup)
+    gaps = [step_times[b] - step_times[a] for a, b in zip(steps, steps[1:]) if b == a + 1]
+    return statistics.median(gaps) if gaps else None
+
+
+def ensure_model(work: Path) -> Path:
+    """The SmolLM2-135M-shaped model (random init), built once under ``work``."""
+    sys.path.insert(0, str(REPO))
+    from openrl_ckpt.utils.tiny import build_smollm2_shaped, build_tiny_tokenizer, example_texts
+
+    model = work / "smollm2"
+    if not (model / "config.json").exists():
+        build_tiny_tokenizer(str(work / "tok"), example_texts(), vocab_size=512)
+        build_smollm2_shaped(str(model), str(work / "tok"))
+    return model
 
 
 def main() -> None:
@@ -73,14 +127,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/openrl_bench")
     args = p.parse_args()
 
-    sys.path.insert(0, str(REPO))
-    from openrl_ckpt.utils.tiny import build_smollm2_shaped, build_tiny_tokenizer, example_texts
-
     work = Path(args.work)
-    model = work / "smollm2"
-    if not (model / "config.json").exists():
-        build_tiny_tokenizer(str(work / "tok"), example_texts(), vocab_size=512)
-        build_smollm2_shaped(str(model), str(work / "tok"))
+    model = ensure_model(work)
     run_dir = work / f"run-{int(time.time())}"
     batch = args.micro * args.ranks * args.accum
     save_at = args.steps - 1
@@ -94,37 +142,9 @@ def main() -> None:
         cli.append("--bf16")
     if args.packing_samples:
         cli.append("--packing_samples")
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(args.ranks), "--master_port",
-           str(free_port()), "--module", "openrl_ckpt.cli.train_sft", *cli]
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONPATH=str(REPO),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.ranks))),
-               PYTHONUNBUFFERED="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
-
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-    peaks: dict[int, float] = {}
-
-    def poll() -> None:
-        while proc.poll() is None:
-            for pid in rank_pids():
-                hwm = vm_hwm_gb(pid)
-                if hwm is not None:
-                    peaks[pid] = max(peaks.get(pid, 0.0), hwm)
-            time.sleep(0.5)
-
-    threading.Thread(target=poll, daemon=True).start()
-    log_lines = []
-    first_step_at = None
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        log_lines.append(line)
-        if first_step_at is None and re.search(r"step 1/\d+ ", line):
-            first_step_at = time.perf_counter() - started
-    proc.wait()
-    total = time.perf_counter() - started
-    text = "".join(log_lines)
-    if proc.returncode != 0:
-        sys.exit(f"benchmark run failed ({proc.returncode}):\n{text[-3000:]}")
+    run = run_cli("openrl_ckpt.cli.train_sft", cli, args.ranks)
+    text, peaks, total = run["text"], run["peaks"], run["wall_s"]
+    first_step_at = run["step_times"].get(1)
 
     tps = [(int(m.group(1)), float(m.group(2))) for m in
            re.finditer(r"step (\d+)/\d+ .*?tokens_per_s ([0-9.e+]+)", text)]
