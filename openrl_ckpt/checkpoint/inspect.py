@@ -181,7 +181,7 @@ def best_checkpoint(root: Path, metric: str, mode: str) -> tuple[int, float] | N
             scored.append((float(value), step))
     if not scored:
         return None
-    value, step = min(scored, key=lambda vs: (vs[0] if mode == "min" else -vs[0], -vs[1]))
+    value, step = min(scored, key=lambda vs: (vs[0] if mode == "min" else -vs[0], vs[1]))  # ties: the earliest
     return step, value
 
 

@@ -102,6 +102,13 @@ def add_ckpt_args(p: argparse.ArgumentParser, default_ckpt: str) -> None:
     g.add_argument("--ckpt_on_error", choices=["stop", "continue"], default="stop",
                    help="a save that fails (disk full, permissions): stop the run with an error, or keep "
                    "training and try again at the next save")
+    bool_flag(g, "--save_hf_ckpt", "also write a Hugging Face copy of the model into each checkpoint (hf/<engine>/); "
+              "counted by --max_ckpt_mem and rotated with it")
+    bool_flag(g, "--disable_ds_ckpt", "checkpoints hold only the Hugging Face copy (no optimizer state): a run "
+              "cannot resume from them")
+    g.add_argument("--save_best_metric", default=None, help="an evaluation metric (e.g. eval_loss): the best "
+                   "checkpoint is kept out of rotation (needs --eval_dataset and --eval_steps)")
+    g.add_argument("--save_best_mode", choices=["min", "max"], default="min", help="whether lower or higher is better")
 
 
 def add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -152,7 +159,9 @@ def loop_config(args: argparse.Namespace, algorithm: str) -> "LoopConfig":
                       logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
                       load_checkpoint=args.load_checkpoint, max_ckpt_num=args.max_ckpt_num,
                       max_ckpt_mem=args.max_ckpt_mem, save_interval_mins=args.save_interval_mins,
-                      async_save=args.async_save, ckpt_on_error=args.ckpt_on_error)
+                      async_save=args.async_save, ckpt_on_error=args.ckpt_on_error, save_hf_ckpt=args.save_hf_ckpt,
+                      disable_ds_ckpt=args.disable_ds_ckpt, save_best_metric=args.save_best_metric,
+                      save_best_mode=args.save_best_mode)
 
 
 def tracker_config(args: argparse.Namespace) -> "TrackerConfig":

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         strategy, engine, SFTAlgorithm(engine, strategy.device, args.aux_loss_coef), train_set, collate,
         A.loop_config(args, "sft"), A.tracker_config(args),
         fingerprint, eval_set=eval_set, eval_collate=partial(pad_collate, pad_token_id=tokenizer.pad_token_id),
-        ckpt_meta={"pretrain": args.pretrain})
+        ckpt_meta={"pretrain": args.pretrain}, tokenizer=tokenizer)
     trainer.fit()
 
     # 6. export

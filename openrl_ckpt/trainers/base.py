@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from openrl_ckpt.checkpoint.faults import fault_point
+from openrl_ckpt.checkpoint.inspect import BEST_KEY, EVAL_KEY, best_checkpoint, describe
 from openrl_ckpt.checkpoint.manager import CheckpointError, CheckpointManager
 from openrl_ckpt.checkpoint.preemption import Preempted, StopRequests, signal_name
 from openrl_ckpt.checkpoint.state import TrainState, incompatibility
@@ -71,6 +72,10 @@ class LoopConfig:
     save_interval_mins: float = 0.0  # also save when this many minutes passed since the last save (0: off)
     async_save: bool = False  # write checkpoints in a background thread
     ckpt_on_error: str = "stop"  # a failed save stops the run ("stop") or training goes on ("continue")
+    save_hf_ckpt: bool = False  # also a Hugging Face copy of each engine in each checkpoint (hf/<engine>/)
+    disable_ds_ckpt: bool = False  # only that copy: no optimizer or data position, so no resume
+    save_best_metric: str | None = None  # an eval metric; the best checkpoint is kept out of rotation
+    save_best_mode: str = "min"
 
     @property
     def checkpointing(self) -> bool:
@@ -123,6 +128,7 @@ class Trainer:
         eval_collate: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None,
         checkpoint_engines: dict[str, Any] | None = None,
         ckpt_meta: dict[str, Any] | None = None,
+        tokenizer: Any = None,
     ) -> None:
         self.s = strategy
         self.engine = engine
@@ -131,6 +137,10 @@ class Trainer:
         self.tracker_cfg = tracker_cfg
         self.engines = checkpoint_engines or {"model": engine}
         self.meta = dict(ckpt_meta or {})
+        self.tokenizer = tokenizer  # saved into each checkpoint's hf/<engine>/, so an export needs nothing else
+        self._last_eval: tuple[int, dict[str, float]] | None = None
+        self._best_room_checked = False
+        self._check_ckpt_options(eval_set is not None)
         sc = strategy.cfg
         self.sampler = ResumableDistributedSampler(len(train_set), sc.train_batch_size, strategy.world_size,
                                                    strategy.rank, seed=cfg.seed, shuffle=cfg.shuffle)
@@ -151,7 +161,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _resume(self, manager: CheckpointManager | None) -> None:
-        if not self.cfg.load_checkpoint:
+        if not self.cfg.load_checkpoint or self.cfg.disable_ds_ckpt:  # --disable_ds_ckpt: said at start
             return
         resumed = manager.find_resumable() if manager is not None else None
         if resumed is None:
@@ -301,7 +311,7 @@ class Trainer:
                     model_fingerprint=self.state.model_fingerprint, epoch=self.state.epoch,
                     consumed_samples=self.state.consumed_samples)
         try:
-            path = manager.save(self.state, self.s.save_engines(self.engines, host_copy=self.cfg.async_save), meta,
+            path = manager.save(self.state, self._stage(), meta, self._best(meta),
                                 background=self.cfg.async_save)
             if must_commit:
                 manager.wait()
@@ -334,7 +344,67 @@ class Trainer:
                 sums[k + "/count"] = sums.get(k + "/count", 0.0) + count
         self.engine.train()
         sums = self.s.all_reduce(sums, op="sum")
-        return {k: v / max(sums[k + "/count"], 1.0) for k, v in sums.items() if not k.endswith("/count")}
+        result = {k: v / max(sums[k + "/count"], 1.0) for k, v in sums.items() if not k.endswith("/count")}
+        if self.cfg.save_best_metric and self.cfg.save_best_metric not in result:
+            raise UserError(f"--save_best_metric {self.cfg.save_best_metric}: the evaluation reports "
+                            f"{', '.join(sorted(result))}")
+        self._last_eval = (self.state.global_step, result)
+        return result
+
+    # ------------------------------------------------------------------ checkpoint contents
+    def _check_ckpt_options(self, has_eval: bool) -> None:
+        cfg = self.cfg
+        if cfg.disable_ds_ckpt and self.s.is_rank_0:
+            log.warning("--disable_ds_ckpt: checkpoints hold only a Hugging Face copy of the model (no optimizer "
+                        "state or data position), so a run cannot resume from them%s",
+                        "; --load_checkpoint is ignored" if cfg.load_checkpoint else "")
+        if cfg.save_best_metric:
+            if not has_eval:
+                raise UserError(f"--save_best_metric {cfg.save_best_metric} needs an --eval_dataset")
+            if cfg.eval_steps <= 0:
+                raise UserError("--save_best_metric needs --eval_steps > 0: a checkpoint can be the best only "
+                                "when the run evaluates at its step")
+            if cfg.save_steps > 0 and cfg.save_steps % cfg.eval_steps and self.s.is_rank_0:
+                log.warning("--save_steps %d is not a multiple of --eval_steps %d: only checkpoints at evaluated "
+                            "steps can be the best", cfg.save_steps, cfg.eval_steps)
+
+    def _stage(self) -> Callable[[Path], Callable[[], None] | None]:
+        """What a checkpoint holds: the DeepSpeed engines (unless --disable_ds_ckpt) and each engine's
+        Hugging Face files, with the weights under --save_hf_ckpt / --disable_ds_ckpt."""
+        cfg = self.cfg
+        engines = (lambda tmp: None) if cfg.disable_ds_ckpt else self.s.save_engines(self.engines,
+                                                                                    host_copy=cfg.async_save)
+        return self.s.with_hf_files(engines, self.engines, self.tokenizer,
+                                    weights=cfg.save_hf_ckpt or cfg.disable_ds_ckpt)
+
+    def _best(self, meta: dict[str, Any]) -> frozenset[int]:
+        """--save_best_metric: record this checkpoint's own evaluation in ``meta`` (when the run evaluated at
+        this step) and the best checkpoint so far in the state and ``meta``; returns it, pinned out of rotation.
+        The best is chosen among committed checkpoints from their manifests, so a failed save never steals
+        the pin and a resumed run knows it."""
+        cfg, st = self.cfg, self.state
+        name, mode = cfg.save_best_metric, cfg.save_best_mode
+        if not name:
+            return frozenset()
+        own = None
+        if self._last_eval is not None and self._last_eval[0] == st.global_step:
+            own = self._last_eval[1][name]
+            meta[EVAL_KEY] = {name: own}
+        best = best_checkpoint(Path(cfg.ckpt_path), name, mode)
+        if own is not None and (best is None or (own < best[1] if mode == "min" else own > best[1])):
+            best = (st.global_step, own)
+        if best is None:
+            return frozenset()
+        st.extra[BEST_KEY] = meta[BEST_KEY] = {"step": best[0], "metric": name, "mode": mode, "value": best[1]}
+        if best[0] != st.global_step and not self._best_room_checked and self.s.is_rank_0:
+            self._best_room_checked = True
+            size = describe(Path(cfg.ckpt_path), best[0], check=False).size
+            if cfg.max_ckpt_num < 2 or 2 * size > cfg.max_ckpt_mem * 1e9:
+                log.warning("the best checkpoint (step %d, %s %.4g, %.2f GB) stays besides the newest, but "
+                            "--max_ckpt_num %d / --max_ckpt_mem %g GB leave no room for both: both are kept and the "
+                            "limit is exceeded", best[0], name, best[1], size / 1e9, cfg.max_ckpt_num,
+                            cfg.max_ckpt_mem)
+        return frozenset({best[0]})
 
     # ------------------------------------------------------------------ helpers
     def _lr(self) -> float:
