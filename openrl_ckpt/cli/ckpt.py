@@ -4,6 +4,7 @@
     python -m openrl_ckpt.cli.ckpt verify CKPT_PATH [--step N]
     python -m openrl_ckpt.cli.ckpt export CKPT_PATH [--step N] --output DIR [--model TAG] [--dtype bf16] [--merge_lora]
     python -m openrl_ckpt.cli.ckpt prune  CKPT_PATH --max_ckpt_num K --max_ckpt_mem GB [--dry_run]
+    python -m openrl_ckpt.cli.ckpt convert CKPT_PATH --to universal [--step N] --output DIR
 
 CKPT_PATH is a run's --ckpt_path (or one of its global_step<N> folders). Only committed checkpoints
 (global_step<N>/ with a manifest) count, exactly as for resume. Nothing is deleted except by prune,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import tempfile
 import time
@@ -58,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--max_ckpt_num", type=int, required=True)
     s.add_argument("--max_ckpt_mem", type=float, required=True, help="GB")
     s.add_argument("--dry_run", action="store_true", help="only say what would be deleted")
+
+    s = sub.add_parser("convert", help="DeepSpeed's universal checkpoint format (any world size or ZeRO stage)")
+    s.add_argument("ckpt_path")
+    s.add_argument("--to", choices=["universal"], required=True)
+    s.add_argument("--step", type=int, default=None, help="default: the newest committed checkpoint")
+    s.add_argument("--output", required=True, help="a new folder")
     return p.parse_args(argv)
 
 
@@ -143,16 +151,49 @@ def cmd_prune(args: argparse.Namespace) -> None:
                         exit_code=1)
 
 
-def cmd_export(args: argparse.Namespace) -> None:
-    root, step = I.resolve(args.ckpt_path, args.step)
+def _verified(ckpt_path: str, step: int | None, what: str) -> Path:
+    """The asked (default: newest) committed checkpoint, refused when it does not verify."""
+    root, step = I.resolve(ckpt_path, step)
     if step is None:
         step = I.require_committed(root)[0]
     path = I.step_path(root, step)
     problems = I.verify(path)
     if problems:
-        raise UserError(f"{path} is damaged, not exporting it: {'; '.join(problems[:3])}"
+        raise UserError(f"{path} is damaged, not {what} it: {'; '.join(problems[:3])}"
                         f"{'; ...' if len(problems) > 3 else ''}", exit_code=DAMAGED)
+    return path
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    path = _verified(args.ckpt_path, args.step, "exporting")
     export(path, args.output, tag=args.model, dtype=args.dtype, merge_lora=args.merge_lora, base=args.base)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Every DeepSpeed engine of the checkpoint in the universal layout: ``DIR/<engine>/zero/<param>/`` and
+    ``DIR/latest_universal``, which DeepSpeed loads on any world size or stage (``checkpoint.load_universal``).
+    Runs of this project convert by themselves when --load_checkpoint meets another world size; this
+    converts ahead of time, or for other DeepSpeed tools."""
+    from openrl_ckpt.checkpoint.universal import convert_to_universal, needs_universal
+    from openrl_ckpt.models.export import atomic_output, check_new_output
+
+    check_new_output(args.output)
+    path = _verified(args.ckpt_path, args.step, "converting")
+    tags = [t for t in I.engines_of(path) if any((path / t).glob("*model_states.pt"))]
+    if not tags:
+        raise UserError(f"{path} holds no DeepSpeed engine (a --disable_ds_ckpt checkpoint): nothing to convert")
+    flat = [t for t in tags if not needs_universal(path / t)]
+    if flat:
+        raise UserError(f"{path.name}/{flat[0]} holds no partitioned optimizer state (ZeRO-0 in fp32): it loads on "
+                        f"any world size as it is")
+    with atomic_output(args.output) as tmp:
+        for tag in tags:
+            print(f"converting {path.name}/{tag} to the universal format")
+            try:
+                convert_to_universal(path, tag, tmp)
+            except (ValueError, KeyError, AssertionError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+                raise UserError(f"{path}/{tag}: DeepSpeed cannot convert it ({str(e).splitlines()[0][:200]})") from None
+    print(f"wrote {args.output}")
 
 
 def _pick_engine(path: Path, tag: str | None) -> str:
@@ -229,7 +270,8 @@ def _write(out: Path, state_dict: dict[str, torch.Tensor] | None, hf_dir: Path, 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    {"list": cmd_list, "verify": cmd_verify, "export": cmd_export, "prune": cmd_prune}[args.command](args)
+    {"list": cmd_list, "verify": cmd_verify, "export": cmd_export, "prune": cmd_prune,
+     "convert": cmd_convert}[args.command](args)
     sys.stdout.flush()
 
 

@@ -139,6 +139,25 @@ def test_export_equals_save_path_and_the_hf_copy(best_run, tmp_path, capsys):
     assert any(not torch.equal(t, saved[k]) for k, t in weights(old).items())
 
 
+def test_convert_to_universal(best_run, tmp_path, capsys):
+    """Every parameter's fp32 weight in the universal form is the consolidated fp32 master weight."""
+    assert best_run["resumed"].returncode == 0
+    uni, fp32 = tmp_path / "universal", tmp_path / "fp32"
+    code, _, err = ckpt_cli("convert", str(best_run["ckpt"]), "--to", "universal", "--output", str(uni),
+                            capsys=capsys)
+    assert code == 0, err
+    assert (uni / "latest_universal").read_text().strip() == "model"
+    assert ckpt_cli("export", str(best_run["ckpt"]), "--output", str(fp32), "--dtype", "fp32", capsys=capsys)[0] == 0
+    master = weights(fp32)
+    params = {p.name: p for p in (uni / "model" / "zero").iterdir()}
+    assert set(master) <= set(params), sorted(set(master) - set(params))[:3]
+    for name, tensor in master.items():
+        converted = torch.load(params[name] / "fp32.pt", map_location="cpu", weights_only=False)
+        converted = converted["param"] if isinstance(converted, dict) else converted
+        assert torch.equal(converted.reshape(tensor.shape), tensor), name
+        assert (params[name] / "exp_avg.pt").exists() and (params[name] / "exp_avg_sq.pt").exists()
+
+
 @pytest.mark.parametrize("how", ["flip", "truncate", "missing", "no_manifest"])
 def test_damaged_real_checkpoint(best_run, tmp_path, capsys, how):
     assert best_run["resumed"].returncode == 0

@@ -212,6 +212,21 @@ def test_export_picks_an_engine(tmp_path, capsys):
     assert code == 2 and "--model critic: " in one_error_line(err) and "holds model" in err
 
 
+# ---------------------------------------------------------------------------------------------- convert
+def test_convert_errors(tmp_path, capsys):
+    root = make_ckpt(tmp_path, steps=(5, 10))
+    damage(root / "global_step10", "flip")
+    out = tmp_path / "uni"
+    code, _, err = cli(ckpt.main, ["convert", str(root), "--to", "universal", "--output", str(out)], capsys)
+    assert code == 1 and "crc32 mismatch" in one_error_line(err) and not out.exists()
+    code, _, err = cli(ckpt.main, ["convert", str(root), "--to", "universal", "--step", "5", "--output", str(out)],
+                       capsys)  # intact manifest, fake engine files
+    assert code == 2 and "DeepSpeed cannot convert it" in one_error_line(err) and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".uni")]
+    code, _, err = cli(ckpt.main, ["convert", str(root), "--to", "zero3", "--output", str(out)], capsys)
+    assert code == 2 and "invalid choice" in err
+
+
 # ---------------------------------------------------------------------------------------------- prune
 def steps_on_disk(root: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("global_step")) for p in root.iterdir() if p.name.startswith("global_step"))
