@@ -19,7 +19,7 @@ from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_finge
 from openrl_ckpt.models.loss import dpo_loss, ipo_loss
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
 from openrl_ckpt.trainers.base import Trainer
-from openrl_ckpt.trainers.common import load_reference
+from openrl_ckpt.trainers.common import load_frozen
 from openrl_ckpt.trainers.dpo import DPOAlgorithm
 from openrl_ckpt.utils.tracking import setup_logging
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     strategy.before_model_load()
     model = load_causal_lm(A.model_config(args))
     fingerprint = model_fingerprint(model)
-    reference, reference_id = load_reference(A.model_config(args, pretrain=args.ref_pretrain or args.pretrain),
+    reference, reference_id = load_frozen(A.model_config(args, pretrain=args.ref_pretrain or args.pretrain),
                                              strategy, offload=args.ref_offload)
     engine = strategy.prepare(model, A.optim_config(args),
                               steps_per_epoch(len(train_set), args.train_batch_size) * args.max_epochs)

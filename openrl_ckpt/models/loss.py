@@ -82,3 +82,24 @@ def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Ten
     x = policy - reference
     return torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (x - z))),
                        undesirable_weight * (1 - torch.sigmoid(beta * (z - x))))
+
+
+# ---- knowledge distillation: per-position losses over target tokens, averaged like sft_loss
+
+def _target_mean(values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    mask = loss_mask[:, 1:].to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def kd_forward_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """-sum_v p_T(v) log p_S(v) at each target position: forward KL(p_T || p_S) up to the teacher's entropy."""
+    teacher = F.softmax(teacher_logits[:, :-1].float(), dim=-1)
+    student = F.log_softmax(student_logits[:, :-1].float(), dim=-1)
+    return _target_mean(-(teacher * student).sum(-1), loss_mask)
+
+
+def kd_reverse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """sum_v p_S(v) (log p_S(v) - log p_T(v)) at each target position: reverse KL(p_S || p_T)."""
+    student = F.log_softmax(student_logits[:, :-1].float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
+    return _target_mean((student.exp() * (student - teacher)).sum(-1), loss_mask)

@@ -1,5 +1,6 @@
-"""What the preference trainers share: model inputs from a sequence batch, per-sequence log-probabilities,
-and the identity of a frozen reference model (checked on resume, since it is not checkpointed)."""
+"""What the trainers with a frozen second model share: model inputs from a sequence batch, per-sequence
+log-probabilities, and the identity of the frozen model (reference, teacher), checked on resume since
+it is not checkpointed."""
 
 from __future__ import annotations
 
@@ -57,15 +58,16 @@ def reference_identity(path: str, model: torch.nn.Module) -> dict[str, Any]:
     return {"path": path, "fingerprint": f"{digest:08x}"}
 
 
-def check_reference(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A resumed run must use the same reference model as the run that saved the checkpoint."""
+def check_frozen_identity(saved: dict[str, Any], current: dict[str, Any], flag: str) -> None:
+    """A resumed run must use the same frozen model (reference, teacher) as the run that saved the checkpoint."""
     if saved and saved.get("fingerprint") != current["fingerprint"]:
-        raise UserError(f"--ref_pretrain {current['path']}: not the reference model this run started with "
-                        f"({saved.get('path')}); a resumed run must use the same one")
+        raise UserError(f"{flag} {current['path']}: not the model this run started with ({saved.get('path')}); "
+                        "a resumed run must use the same one")
 
 
-def load_reference(cfg: ModelConfig, strategy: DeepspeedStrategy, offload: bool) -> tuple[FrozenModel, dict[str, Any]]:
-    """The frozen reference policy (no LoRA, no activation checkpointing) and its identity for the checkpoint."""
+def load_frozen(cfg: ModelConfig, strategy: DeepspeedStrategy, offload: bool) -> tuple[FrozenModel, dict[str, Any]]:
+    """A frozen causal LM (reference policy, teacher; no LoRA, no activation checkpointing) and its
+    identity for the checkpoint."""
     model = load_causal_lm(replace(cfg, lora_rank=0, gradient_checkpointing=False))
     identity = reference_identity(cfg.pretrain, model)
     return strategy.prepare_frozen(model, offload), identity

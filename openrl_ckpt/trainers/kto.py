@@ -14,7 +14,7 @@ import torch
 from openrl_ckpt.models.loss import kto_loss
 from openrl_ckpt.strategy.deepspeed import FrozenModel
 from openrl_ckpt.trainers.base import StepOutput
-from openrl_ckpt.trainers.common import batch_logps, batch_tokens, check_reference, real_rows
+from openrl_ckpt.trainers.common import batch_logps, batch_tokens, check_frozen_identity, real_rows
 
 
 class KTOAlgorithm:
@@ -78,4 +78,4 @@ class KTOAlgorithm:
         return {"reference": self.reference_identity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_reference(state.get("reference", {}), self.reference_identity)
+        check_frozen_identity(state.get("reference", {}), self.reference_identity, "--ref_pretrain")

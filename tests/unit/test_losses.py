@@ -110,3 +110,19 @@ def test_sequence_logps_sums_each_sequence_in_padded_and_packed_batches():
     expected = [logp[4, 5] + logp[5, 6], logp[7, 8], logp[1, 2] + logp[2, 3]]
     assert torch.allclose(sums[False], torch.stack(expected), atol=1e-6)
     assert torch.allclose(sums[True], torch.stack(expected), atol=1e-6)
+
+
+def test_kd_forward_and_reverse_losses():
+    from openrl_ckpt.models.loss import kd_forward_loss, kd_reverse_loss
+
+    # one sequence of 3 tokens, vocab 2; position 0 predicts token 1 (a target), position 1 predicts token 2 (not)
+    student = torch.tensor([[[0.0, 1.0], [2.0, 0.0], [0.0, 0.0]]])
+    teacher = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[False, True, False]])
+    ps = [math.exp(0) / (1 + math.e), math.e / (1 + math.e)]
+    pt = [math.e / (1 + math.e), 1 / (1 + math.e)]
+    forward = -sum(t * math.log(s) for t, s in zip(pt, ps))
+    reverse = sum(s * (math.log(s) - math.log(t)) for t, s in zip(pt, ps))
+    assert abs(kd_forward_loss(student, teacher, mask).item() - forward) < 1e-6
+    assert abs(kd_reverse_loss(student, teacher, mask).item() - reverse) < 1e-6
+    assert kd_reverse_loss(teacher, teacher, mask).item() < 1e-7  # KL of a distribution to itself

@@ -60,7 +60,7 @@ def test_dpo_resume_refuses_another_reference(policy_and_reference):
     algo = DPOAlgorithm(policy, reference, CPU, partial(dpo_loss, beta=0.1), beta=0.1,
                         reference_identity={"path": "new", "fingerprint": "def"})
     algo.load_state_dict({"reference": {"path": "new", "fingerprint": "def"}})
-    with pytest.raises(UserError, match="--ref_pretrain new: not the reference model this run started with"):
+    with pytest.raises(UserError, match="--ref_pretrain new: not the model this run started with"):
         algo.load_state_dict({"reference": {"path": "old", "fingerprint": "abc"}})
 
 
