@@ -217,6 +217,7 @@ def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge
     from openrl_ckpt.strategy.export import DTYPES, dtype_name, read_engine_weights
 
     M.check_new_output(output)
+    M.quiet_progress_bars()
     tag = _pick_engine(path, tag)
     hf_dir = path / I.HF_DIR / tag
     if not hf_dir.is_dir():
@@ -239,18 +240,23 @@ def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge
     kind = "merged model" if merge_lora else "LoRA adapter" if adapter else "model"
     print(f"exporting {path.name}/{tag} ({source}, trained in {dtype_name(train_dtype)}) as a {kind} "
           f"in {dtype_name(out_dtype)} to {output}")
-    if not (hf_dir / "tokenizer_config.json").exists():
+    if not (hf_dir / "tokenizer_config.json").exists() and not merge_lora:  # a merge takes the base's
         print(f"note: {path.name} recorded no tokenizer, so {output} has none")
     with M.atomic_output(output) as tmp:
         if merge_lora:
-            base = base or json.loads((hf_dir / M.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or (
+            adapter_cfg = json.loads((hf_dir / M.ADAPTER_CONFIG).read_text())
+            base = base or adapter_cfg.get("base_model_name_or_path") or (
                 read_manifest(path).get("meta") or {}).get("pretrain")
+            # a model with a head (reward model, critic) trains it in full: apply_lora(causal_lm=False, modules_to_save)
+            heads = adapter_cfg.get("modules_to_save") or []
+            is_rm = not adapter_cfg.get("task_type") and bool(heads)
             if not base or not Path(base).is_dir():
                 raise UserError(f"--merge_lora needs the base model, and {base!r} (the run's --pretrain) is not a "
                                 f"folder here: pass --base DIR")
             with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".adapter-") as adapter_dir:
                 _write(Path(adapter_dir), state_dict, hf_dir, adapter, out_dtype, train_dtype)
-                M.merge_lora(base, Path(adapter_dir), tmp, dtype=out_dtype)
+                M.merge_lora(base, Path(adapter_dir), tmp, dtype=out_dtype, is_rm=is_rm,
+                             head_prefix=heads[0] if is_rm else "score")
         else:
             _write(tmp, state_dict, hf_dir, adapter, out_dtype, train_dtype)
     print(f"wrote {output}")

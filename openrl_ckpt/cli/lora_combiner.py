@@ -28,8 +28,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from openrl_ckpt.models.export import atomic_output, merge_lora
+    from openrl_ckpt.models.export import atomic_output, merge_lora, quiet_progress_bars
     from openrl_ckpt.strategy.export import DTYPES
+
+    quiet_progress_bars()
 
     lora = Path(args.lora)
     if not lora.is_dir():

@@ -28,6 +28,13 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
 
+def quiet_progress_bars() -> None:
+    """The tools print their own lines; transformers' loading/writing bars would only clutter them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def is_weight_file(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES)
 

@@ -383,11 +383,15 @@ class DeepspeedStrategy:
         tokenizer; without ``state_dict``, everything but the weights."""
         model = getattr(engine_or_model, "module", engine_or_model)
         folder.mkdir(parents=True, exist_ok=True)
+        weights = state_dict is not None
+        if state_dict is None:  # PEFT looks up its trainable names (a head in modules_to_save): give it empty ones
+            state_dict = {k: torch.empty(0) for k, p in model.named_parameters() if p.requires_grad} if _is_peft(
+                model) else {}
         try:
-            model.save_pretrained(folder, state_dict=state_dict or {}, safe_serialization=True)
+            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         except (RuntimeError, ValueError) as e:  # how safetensors reports a failed write
             raise OSError(errno.EIO, str(e).strip().splitlines()[0][:200], str(folder)) from e
-        if state_dict is None:  # PEFT writes an empty adapter file for an empty state dict
+        if not weights:
             for f in folder.glob("*.safetensors"):
                 f.unlink()
         if tokenizer is not None:

@@ -356,6 +356,25 @@ def test_adapter_save_load_and_merge_equivalence(tiny_model_dir, tmp_path, capsy
     assert (plain - want).abs().max() > 1e-2, "the adapter changes the outputs (the test would be vacuous otherwise)"
 
 
+@pytest.mark.parametrize("rm", [False, True], ids=["causal_lm", "reward_model"])
+def test_hf_files_without_weights(tiny_model_dir, tiny_tokenizer_dir, tmp_path, rm):
+    """What every checkpoint records in hf/<engine>/: the adapter folder minus its weights."""
+    from transformers import AutoTokenizer
+
+    from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, StrategyConfig
+
+    model, tok = lora_model(tiny_model_dir, rm=rm), AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    s = DeepspeedStrategy(StrategyConfig(zero_stage=2))
+    s.write_hf(model, tok, tmp_path / "meta", None)
+    s.write_hf(model, tok, tmp_path / "full", s.full_state_dict(model))
+    meta, full = sorted(p.name for p in (tmp_path / "meta").iterdir()), sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert full == sorted(meta + ["adapter_model.safetensors"]) and "tokenizer.json" in meta
+    for name in meta:
+        assert (tmp_path / "meta" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    assert json.loads((tmp_path / "meta" / "adapter_config.json").read_text())["modules_to_save"] == (
+        ["score"] if rm else None)
+
+
 def test_lora_combiner_bad_input(tiny_model_dir, tmp_path, capsys):
     code, _, err = cli(lora_combiner.main, ["--base", tiny_model_dir, "--lora", str(tmp_path / "nope"), "--output",
                                             str(tmp_path / "m")], capsys)
