@@ -103,3 +103,76 @@ def kd_reverse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     student = F.log_softmax(student_logits[:, :-1].float(), dim=-1)
     teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
     return _target_mean((student.exp() * (student - teacher)).sum(-1), loss_mask)
+
+
+# ---- PPO: per-token tensors [B, T] over response tokens, ``mask`` 1 for real response tokens
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the positions where ``mask`` is set (all rows together)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens, with x = logp - ref_logp:
+    k1 = x, k2 = x^2 / 2, k3 = exp(-x) - 1 + x (unbiased and never negative)."""
+    x = logp.float() - ref_logp.float()
+    if estimator == "k1":
+        return x
+    if estimator == "k2":
+        return 0.5 * x * x
+    if estimator == "k3":
+        return torch.expm1(-x) + x
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lambd: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, per row from the last token back:
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambd A_{t+1} (V and A are 0 past the
+    response); returns (advantages, returns = A + V), both 0 outside ``mask``."""
+    m = mask.to(values.dtype)
+    rewards, values = rewards * m, values * m
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lambd * running
+        advantages[:, t] = running
+    advantages = advantages * m
+    return advantages, (advantages + values) * m
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma G_{t+1} over each row's response tokens (0 outside ``mask``)."""
+    m = mask.to(rewards.dtype)
+    rewards = rewards * m
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        out[:, t] = running
+    return out * m
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    eps_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate: mean over tokens of -min(rho A, clip(rho, 1 - eps, 1 + eps) A) with
+    rho = exp(logp - old_logp); returns (loss, fraction of tokens where the clipped term was taken)."""
+    ratio = torch.exp(logp - old_logp)
+    surr1 = ratio * advantages
+    surr2 = ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip) * advantages
+    loss = masked_mean(-torch.min(surr1, surr2), mask)
+    return loss, masked_mean((surr2 < surr1).float(), mask)
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   value_clip: float | None) -> torch.Tensor:
+    """0.5 * mean over tokens of (V - R)^2; with ``value_clip`` c the clipped form
+    0.5 * max((V - R)^2, (old + clip(V - old, -c, c) - R)^2)."""
+    loss = (values - returns) ** 2
+    if value_clip is not None:
+        clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        loss = torch.max(loss, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(loss, mask)

@@ -47,12 +47,16 @@ def reward_model_class(config: Any, head_prefix: str) -> type:
             self.post_init()
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    position_ids: torch.Tensor | None = None, last_index: torch.Tensor | None = None) -> torch.Tensor:
+                    position_ids: torch.Tensor | None = None, last_index: torch.Tensor | None = None,
+                    all_values: bool = False) -> torch.Tensor:
             """One reward per sequence: at ``last_index`` (flat token indices) or, when None, at each
-            row's last real token (left or right padding)."""
+            row's last real token (left or right padding). ``all_values``: the head at every position,
+            [B, T], unnormalised (a PPO critic's per-token values)."""
             backbone = getattr(self, self.base_model_prefix)
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
+            if all_values:
+                return getattr(self, head_prefix)(hidden).squeeze(-1)
             if last_index is None:
                 rows, width = input_ids.shape
                 mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)

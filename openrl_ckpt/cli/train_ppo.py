@@ -1,0 +1,245 @@
+"""PPO: an actor learns to raise the reward models' scores of its own answers, held near a reference.
+
+    deepspeed --module openrl_ckpt.cli.train_ppo --pretrain SFT_MODEL --reward_pretrain RM --prompt_data prompts.jsonl \
+        --input_key prompt --rollout_batch_size 512 --train_batch_size 128 --save_steps 20 --load_checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from openrl_ckpt.cli import args as A
+from openrl_ckpt.data.loading import load_blended_dataset
+from openrl_ckpt.data.templates import (TemplateConfig, apply_tokenizer_chat_template, check_input_template,
+                                        render_prompt)
+from openrl_ckpt.errors import UserError
+from openrl_ckpt.inference.generation import SamplingConfig
+from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
+from openrl_ckpt.models.reward import load_reward_model
+from openrl_ckpt.models.tokenizers import tokenizer_difference
+from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
+from openrl_ckpt.trainers.common import load_frozen, reference_identity
+from openrl_ckpt.trainers.ppo.control import AdaptiveKLController, FixedKLController, RunningMoments
+from openrl_ckpt.trainers.ppo.experience import ESTIMATORS, ExperienceMaker, PPOConfig, RewardScorer
+from openrl_ckpt.trainers.ppo.trainer import PPOTrainer
+from openrl_ckpt.utils.tracking import setup_logging
+
+log = logging.getLogger("openrl_ckpt")
+
+
+def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
+    p = A.Parser(prog="train_ppo", description=__doc__.splitlines()[0])
+    A.add_model_args(p)
+    A.add_train_args(p)
+    A.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_ppo")
+    A.add_logging_args(p)
+    p.set_defaults(max_epochs=1, micro_train_batch_size=4, train_batch_size=128)
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt_data", required=True, help="comma-separated prompt datasets (files, folders, hub names)")
+    g.add_argument("--prompt_data_probs", default=None, help="comma-separated mixing probabilities")
+    g.add_argument("--prompt_split", default="train")
+    g.add_argument("--max_samples", type=int, default=None, help="use at most this many prompts")
+    g.add_argument("--input_key", default="input")
+    g.add_argument("--input_template", default=None, help="e.g. 'User: {}\\nAssistant: '")
+    A.bool_flag(g, "--apply_chat_template", "render prompts with the tokenizer's chat template")
+    g.add_argument("--tokenizer_chat_template", default=None, help="a Jinja chat template, or a file holding one")
+    g.add_argument("--prompt_max_len", type=int, default=1024, help="longer prompts are skipped (counted)")
+    g = p.add_argument_group("models")
+    g.add_argument("--reward_pretrain", required=True, help="comma-separated reward models (train_rm folders); "
+                   "their scores are averaged")
+    g.add_argument("--critic_pretrain", default=None, help="critic initialisation (default: the first reward model)")
+    g.add_argument("--value_head_prefix", default="score", help="name of the reward models' and critic's head")
+    A.bool_flag(g, "--ref_reward_offload", "keep the reference and reward models on the CPU between uses")
+    A.bool_flag(g, "--allow_tokenizer_mismatch", "reward models with another tokenizer score the decoded text")
+    A.bool_flag(g, "--save_value_network", "also write the critic in Hugging Face format to <save_path>_critic")
+    g = p.add_argument_group("generation")
+    g.add_argument("--generate_max_len", type=int, default=1024, help="new tokens per answer")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top_p", type=float, default=1.0)
+    g.add_argument("--top_k", type=int, default=-1, help="-1 or 0: no top-k cut")
+    g.add_argument("--n_samples_per_prompt", type=int, default=1)
+    g.add_argument("--vllm_num_engines", type=int, default=0, help="generation through vLLM (not supported yet)")
+    g = p.add_argument_group("PPO")
+    g.add_argument("--rollout_batch_size", type=int, default=512, help="prompts per update step, all ranks")
+    g.add_argument("--micro_rollout_batch_size", type=int, default=8, help="samples per generation call on a rank")
+    g.add_argument("--num_episodes", type=int, default=1, help="passes over the prompt set")
+    g.add_argument("--actor_learning_rate", type=float, default=1e-6)
+    g.add_argument("--critic_learning_rate", type=float, default=9e-6)
+    g.add_argument("--init_kl_coef", type=float, default=0.01, help="0: no reference model, no KL penalty")
+    g.add_argument("--kl_target", type=float, default=None, help="adaptive KL coefficient towards this KL")
+    g.add_argument("--kl_horizon", type=int, default=10000)
+    g.add_argument("--kl_estimator", choices=["k1", "k2", "k3"], default="k1")
+    g.add_argument("--gamma", type=float, default=1.0)
+    g.add_argument("--lambd", type=float, default=0.95)
+    g.add_argument("--eps_clip", type=float, default=0.2)
+    g.add_argument("--value_clip", type=float, default=0.2, help="clip range of the value loss; <= 0: unclipped")
+    A.bool_flag(g, "--normalize_reward", "normalise scores with their running mean and std")
+    g.add_argument("--reward_clip_range", type=float, nargs=2, default=(-10.0, 10.0))
+    g.add_argument("--advantage_estimator", choices=ESTIMATORS, default="gae")
+    g.add_argument("--freezing_actor_steps", type=int, default=-1, help="train only the critic for this many steps")
+    g.add_argument("--ptx_coef", type=float, default=0.0, help="not supported yet")
+    g.add_argument("--pretrain_data", default=None, help="not supported yet")
+    A.bool_flag(g, "--enable_ema", "not supported yet")
+    g.add_argument("--ema_beta", type=float, default=0.992, help="not supported yet")
+    return p.parse_args(argv)
+
+
+def check_args(args: A.argparse.Namespace) -> None:
+    """Flag checks that need no process group."""
+    check_input_template(args.input_template)
+    for flag, unsupported in (("--vllm_num_engines", args.vllm_num_engines > 0), ("--enable_ema", args.enable_ema),
+                              ("--pretrain_data", args.pretrain_data is not None), ("--ptx_coef", args.ptx_coef != 0),
+                              ("--lora_rank", args.lora_rank > 0), ("--load_in_4bit", args.load_in_4bit),
+                              ("--packing_samples", getattr(args, "packing_samples", False))):
+        if unsupported:
+            if flag == "--vllm_num_engines":
+                try:
+                    import vllm  # noqa: F401
+                except ImportError:
+                    raise UserError("--vllm_num_engines needs the vllm package (pip install 'openrl_ckpt[vllm]' on a "
+                                    "CUDA machine); drop the flag to generate with Hugging Face generate") from None
+            raise UserError(f"{flag}: not supported by train_ppo yet")
+    for flag, value in (("--rollout_batch_size", args.rollout_batch_size), ("--n_samples_per_prompt",
+                        args.n_samples_per_prompt), ("--micro_rollout_batch_size", args.micro_rollout_batch_size),
+                        ("--num_episodes", args.num_episodes), ("--max_epochs", args.max_epochs),
+                        ("--generate_max_len", args.generate_max_len), ("--prompt_max_len", args.prompt_max_len)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.advantage_estimator in ("rloo", "group_norm") and args.n_samples_per_prompt < 2:
+        raise UserError(f"--advantage_estimator {args.advantage_estimator} compares the samples of each prompt: "
+                        f"it needs --n_samples_per_prompt of at least 2, got {args.n_samples_per_prompt}")
+    if args.init_kl_coef < 0:
+        raise UserError(f"--init_kl_coef must be 0 or positive, got {args.init_kl_coef}")
+    if args.kl_target is not None and (args.kl_target <= 0 or args.kl_horizon < 1):
+        raise UserError(f"--kl_target must be positive and --kl_horizon at least 1, got {args.kl_target} and "
+                        f"{args.kl_horizon}")
+    lo, hi = args.reward_clip_range
+    if not lo < hi:
+        raise UserError(f"--reward_clip_range needs low < high, got {lo} {hi}")
+
+
+def check_batches(args: A.argparse.Namespace, world_size: int) -> int:
+    """The rollout must split evenly over ranks, micro rollout batches and train batches; returns the
+    samples per update step."""
+    b, n = args.rollout_batch_size, args.n_samples_per_prompt
+    samples = b * n
+    if b % world_size:
+        raise UserError(f"--rollout_batch_size {b} must be a multiple of the world size {world_size} "
+                        "(each rank samples for its own prompts)")
+    m = args.micro_rollout_batch_size
+    if samples % (m * world_size):
+        raise UserError(f"--rollout_batch_size {b} x --n_samples_per_prompt {n} = {samples} samples must be a multiple "
+                        f"of --micro_rollout_batch_size {m} x world size {world_size} = {m * world_size}")
+    if samples % args.train_batch_size:
+        raise UserError(f"--rollout_batch_size {b} x --n_samples_per_prompt {n} = {samples} samples must be a multiple "
+                        f"of --train_batch_size {args.train_batch_size}")
+    return samples
+
+
+def load_prompts(args: A.argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
+    raw = load_blended_dataset(args.prompt_data, args.prompt_data_probs, seed=args.seed, max_samples=args.max_samples,
+                               split=args.prompt_split, flag="--prompt_data")
+    template = TemplateConfig(input_key=args.input_key, output_key=None, input_template=args.input_template,
+                              apply_chat_template=args.apply_chat_template)
+    texts = [render_prompt(raw[i], template, tokenizer, where=f"{args.prompt_data} row {i + 1}")
+             for i in range(len(raw))]
+    ids = tokenizer(texts, add_special_tokens=not args.apply_chat_template, return_attention_mask=False)["input_ids"]
+    kept = [{"input_ids": x, "index": i} for i, x in enumerate(ids) if 0 < len(x) <= args.prompt_max_len]
+    if not kept:
+        raise UserError(f"--prompt_data {args.prompt_data}: all {len(ids)} prompts are empty or longer than "
+                        f"--prompt_max_len {args.prompt_max_len} tokens")
+    log.info("prompts: %d of %d kept (%d empty or longer than --prompt_max_len %d)", len(kept), len(ids),
+             len(ids) - len(kept), args.prompt_max_len)
+    return kept
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_args(args)
+    sampling = SamplingConfig(max_new_tokens=args.generate_max_len, temperature=args.temperature, top_p=args.top_p,
+                              top_k=max(args.top_k, 0))
+    sampling.check()
+    reward_paths = [x for x in args.reward_pretrain.split(",") if x]
+    critic_path = args.critic_pretrain or reward_paths[0]
+
+    # 1. strategy: process group and batch arithmetic
+    strategy = DeepspeedStrategy(A.strategy_config(args))
+    strategy.setup_distributed()
+    setup_logging(strategy.rank)
+    samples = check_batches(args, strategy.world_size)
+
+    # 2. tokenizers (the critic reads the actor's tokens; reward models may differ with a flag) and prompts
+    tokenizer = load_tokenizer(args.pretrain, padding_side="left")
+    apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
+    difference = tokenizer_difference(tokenizer, load_tokenizer(critic_path))
+    if difference and args.advantage_estimator == "gae":
+        raise UserError(f"--critic_pretrain {critic_path}: its tokenizer differs from --pretrain's ({difference}); "
+                        "the critic reads the actor's tokens, so both must share one")
+    reward_tokenizers = []
+    for path in reward_paths:
+        reward_tok = load_tokenizer(path)
+        difference = tokenizer_difference(tokenizer, reward_tok)
+        if difference and not args.allow_tokenizer_mismatch:
+            raise UserError(f"--reward_pretrain {path}: its tokenizer differs from --pretrain's ({difference}); "
+                            "pass --allow_tokenizer_mismatch to score the decoded text with the reward model's own")
+        reward_tokenizers.append(reward_tok if difference else None)
+    prompts = load_prompts(args, tokenizer)
+
+    # 3. models: actor and critic trained; reference and reward models frozen (reloaded, checked on resume)
+    strategy.before_model_load()
+    actor_model = load_causal_lm(A.model_config(args))
+    fingerprint = model_fingerprint(actor_model)
+    frozen: dict[str, list[dict[str, Any]]] = {"--reward_pretrain": []}
+    ref = None
+    if args.init_kl_coef > 0:
+        ref, ref_id = load_frozen(A.model_config(args), strategy, offload=args.ref_reward_offload)
+        frozen["--pretrain (reference)"] = [ref_id]
+    reward_models = []
+    for path, reward_tok in zip(reward_paths, reward_tokenizers):
+        model = load_reward_model(replace(A.model_config(args, pretrain=path), gradient_checkpointing=False),
+                                  args.value_head_prefix, require_head=True)
+        frozen["--reward_pretrain"].append(reference_identity(path, model))
+        reward_models.append((strategy.prepare_frozen(model, args.ref_reward_offload), reward_tok))
+    updates = -(-len(prompts) // args.rollout_batch_size) * args.num_episodes
+    optimizer_steps = updates * samples // args.train_batch_size * args.max_epochs
+    actor = strategy.prepare(actor_model, A.optim_config(args, args.actor_learning_rate), optimizer_steps)
+    critic = None
+    if args.advantage_estimator == "gae":
+        critic_model = load_reward_model(A.model_config(args, pretrain=critic_path), args.value_head_prefix,
+                                         require_head=True)
+        critic = strategy.prepare(critic_model, A.optim_config(args, args.critic_learning_rate), optimizer_steps)
+    elif args.save_value_network or args.critic_pretrain:
+        raise UserError(f"--advantage_estimator {args.advantage_estimator} trains no critic; drop "
+                        f"{'--save_value_network' if args.save_value_network else '--critic_pretrain'}")
+
+    # 4. experience, resume + fit
+    kl_ctl = (AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon) if args.kl_target
+              else FixedKLController(args.init_kl_coef))
+    ppo = PPOConfig(rollout_batch_size=args.rollout_batch_size, micro_rollout_batch_size=args.micro_rollout_batch_size,
+                    n_samples_per_prompt=args.n_samples_per_prompt, micro_train_batch_size=args.micro_train_batch_size,
+                    max_epochs=args.max_epochs, num_episodes=args.num_episodes, sampling=sampling,
+                    init_kl_coef=args.init_kl_coef, kl_target=args.kl_target, kl_horizon=args.kl_horizon,
+                    kl_estimator=args.kl_estimator, gamma=args.gamma, lambd=args.lambd, eps_clip=args.eps_clip,
+                    value_clip=args.value_clip if args.value_clip > 0 else None,
+                    normalize_reward=args.normalize_reward, reward_clip_range=tuple(args.reward_clip_range),
+                    advantage_estimator=args.advantage_estimator, freezing_actor_steps=args.freezing_actor_steps,
+                    seed=args.seed)
+    maker = ExperienceMaker(strategy, actor, critic, ref, RewardScorer(reward_models, strategy.device, tokenizer),
+                            ppo, kl_ctl, RunningMoments(), eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    trainer = PPOTrainer(strategy, actor, critic, maker, prompts, ppo, A.loop_config(args, "ppo"),
+                         A.tracker_config(args), fingerprint, frozen, tokenizer=tokenizer,
+                         ckpt_meta={"pretrain": args.pretrain, "reward_pretrain": reward_paths,
+                                    "critic_pretrain": critic_path if critic is not None else None})
+    trainer.fit()
+
+    # 5. export
+    strategy.save_model(actor, tokenizer, args.save_path)
+    if args.save_value_network and critic is not None:
+        strategy.save_model(critic, tokenizer, args.save_path.rstrip("/") + "_critic")
+
+
+if __name__ == "__main__":
+    A.run(main)

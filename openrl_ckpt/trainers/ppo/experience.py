@@ -1,0 +1,232 @@
+"""One PPO rollout on this rank: sample answers, score them, and turn the scores into per-token
+advantages and returns.
+
+Layout: every rank holds ``rollout_batch_size / world_size`` prompts, each repeated
+``n_samples_per_prompt`` times (a prompt's samples stay adjacent on one rank, so group baselines
+are local). All samples of the rollout share one layout: prompts left-padded to a common width P,
+answers right-padded to a common width T, so ``sequences`` is [S, P + T] and every per-token tensor
+is [S, T] over answer positions (``action_mask`` marks real answer tokens, up to and including EOS).
+The token at answer position t is predicted from sequence position P + t - 1, where the critic's
+value of the state before that token is read too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from openrl_ckpt.inference.batching import batch_seed
+from openrl_ckpt.inference.generation import SamplingConfig, generate
+from openrl_ckpt.models.loss import discounted_returns, gae, kl_estimate, token_logprobs
+from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, FrozenModel
+from openrl_ckpt.trainers.ppo.control import FixedKLController, RunningMoments, group_norm, rloo_baseline
+
+ESTIMATORS = ("gae", "reinforce", "rloo", "group_norm")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    rollout_batch_size: int  # prompts per update step, all ranks together
+    micro_rollout_batch_size: int  # samples per generation / scoring call on one rank
+    n_samples_per_prompt: int
+    micro_train_batch_size: int
+    max_epochs: int  # PPO epochs over each rollout
+    num_episodes: int  # passes over the prompt set
+    sampling: SamplingConfig
+    init_kl_coef: float = 0.01
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lambd: float = 0.95
+    eps_clip: float = 0.2
+    value_clip: float | None = 0.2
+    normalize_reward: bool = False
+    reward_clip_range: tuple[float, float] = (-10.0, 10.0)
+    advantage_estimator: str = "gae"
+    freezing_actor_steps: int = -1
+    seed: int = 42
+
+
+@dataclass
+class Experience:
+    sequences: torch.Tensor  # [S, P + T]
+    attention_mask: torch.Tensor  # [S, P + T]
+    position_ids: torch.Tensor  # [S, P + T]
+    prompt_len: int  # P
+    action_mask: torch.Tensor  # [S, T]
+    old_logp: torch.Tensor  # [S, T]
+    advantages: torch.Tensor  # [S, T]
+    values: torch.Tensor | None  # [S, T] (critic only)
+    returns: torch.Tensor | None  # [S, T] (critic only)
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def inputs(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.sequences[rows], "attention_mask": self.attention_mask[rows],
+                "position_ids": self.position_ids[rows]}
+
+
+def left_pad(seqs: list[list[int]], pad_token_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = width or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[row, width - len(s):] = 1
+    return ids, mask
+
+
+def action_logprobs(model: Any, inputs: dict[str, torch.Tensor], prompt_len: int) -> torch.Tensor:
+    """log p of each answer token, [B, T]."""
+    logits = model(**inputs, use_cache=False).logits
+    return token_logprobs(logits, inputs["input_ids"])[:, prompt_len - 1:]
+
+
+def critic_values(critic: Any, inputs: dict[str, torch.Tensor], prompt_len: int) -> torch.Tensor:
+    """The critic's value of the state before each answer token, [B, T]."""
+    return critic(**inputs, all_values=True)[:, prompt_len - 1:-1].float()
+
+
+def last_token_index(action_mask: torch.Tensor) -> torch.Tensor:
+    width = action_mask.shape[1]
+    return width - 1 - action_mask.flip(1).int().argmax(1)
+
+
+class RewardScorer:
+    """The mean score of the reward models for each sample. A reward model given with its own tokenizer
+    (it differs from the actor's: --allow_tokenizer_mismatch) scores each sample decoded to text and
+    re-encoded with that tokenizer."""
+
+    def __init__(self, models: list[tuple[FrozenModel, Any]], device: torch.device, actor_tokenizer: Any) -> None:
+        self.models = models
+        self.device = device
+        self.actor_tok = actor_tokenizer
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        scores = [rm(**(inputs if tok is None else self._retokenize(inputs, tok))).float() for rm, tok in self.models]
+        return torch.stack(scores).mean(0)
+
+    def _retokenize(self, inputs: dict[str, torch.Tensor], tok: Any) -> dict[str, torch.Tensor]:
+        texts = [self.actor_tok.decode(ids[mask.bool()].tolist(), skip_special_tokens=False)
+                 for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+        enc = [tok(t, add_special_tokens=False)["input_ids"] or [tok.eos_token_id] for t in texts]
+        ids, mask = left_pad(enc, tok.pad_token_id)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "position_ids": (mask.cumsum(1) - 1).clamp(min=0).to(self.device)}
+
+
+class ExperienceMaker:
+    def __init__(self, strategy: DeepspeedStrategy, actor: Any, critic: Any | None, ref: FrozenModel | None,
+                 scorer: RewardScorer, cfg: PPOConfig, kl_ctl: FixedKLController, reward_moments: RunningMoments,
+                 eos_token_id: int, pad_token_id: int) -> None:
+        self.s = strategy
+        self.actor = actor
+        self.critic = critic
+        self.ref = ref
+        self.scorer = scorer
+        self.cfg = cfg
+        self.kl_ctl = kl_ctl
+        self.moments = reward_moments
+        self.eos = eos_token_id
+        self.pad = pad_token_id
+
+    @torch.no_grad()
+    def make(self, prompts: list[list[int]], step: int) -> tuple[Experience, dict[str, float]]:
+        cfg, dev = self.cfg, self.s.device
+        samples = [p for p in prompts for _ in range(cfg.n_samples_per_prompt)]
+        m = cfg.micro_rollout_batch_size
+        chunks = [samples[i:i + m] for i in range(0, len(samples), m)]
+        calls = len(chunks)
+        gens = []
+        for i, chunk in enumerate(chunks):
+            ids, mask = left_pad(chunk, self.pad)
+            # the seed names this rank's i-th call of this step: a resumed run draws the same samples
+            gen = generate(self.actor, ids.to(dev), mask.to(dev), cfg.sampling, eos_token_id=self.eos,
+                           pad_token_id=self.pad, zero_stage=self.s.cfg.zero_stage,
+                           seed=batch_seed(cfg.seed, step, self.s.rank * calls + i))
+            gens.append((gen, mask))
+        exp = self._layout(gens, dev)
+
+        # scores, log-probabilities and values in micro batches over the common layout
+        self.actor.eval()
+        if self.critic is not None:
+            self.critic.eval()
+        parts: dict[str, list[torch.Tensor]] = {"old_logp": [], "ref_logp": [], "values": [], "score": []}
+        for start in range(0, len(exp), m):
+            rows = torch.arange(start, min(start + m, len(exp)), device=dev)
+            inputs = exp.inputs(rows)
+            parts["old_logp"].append(action_logprobs(self.actor, inputs, exp.prompt_len))
+            if self.ref is not None:
+                parts["ref_logp"].append(action_logprobs(self.ref, inputs, exp.prompt_len))
+            if self.critic is not None:
+                parts["values"].append(critic_values(self.critic, inputs, exp.prompt_len))
+            parts["score"].append(self.scorer(inputs))
+        self.actor.train()
+        if self.critic is not None:
+            self.critic.train()
+        mask = exp.action_mask.float()
+        exp.old_logp = torch.cat(parts["old_logp"]) * mask
+        score = torch.cat(parts["score"])
+        kl = (kl_estimate(exp.old_logp, torch.cat(parts["ref_logp"]), cfg.kl_estimator) * mask
+              if self.ref is not None else torch.zeros_like(mask))
+        values = torch.cat(parts["values"]) * mask if self.critic is not None else None
+
+        metrics = {"reward": float(score.mean()), "response_length": float(mask.sum(1).mean()),
+                   "kl": float(kl.sum(1).mean()), "kl_coef": self.kl_ctl.value}
+        reward = score
+        if cfg.normalize_reward:
+            totals = self.s.all_reduce({"sum": float(score.double().sum()), "sq": float((score.double() ** 2).sum()),
+                                        "n": float(score.numel())}, op="sum")
+            self.moments.update(totals["sum"], totals["sq"], totals["n"])
+            reward = self.moments.normalize(score)
+        reward = reward.clamp(*cfg.reward_clip_range)
+        n = cfg.n_samples_per_prompt
+        if cfg.advantage_estimator == "rloo":
+            reward = rloo_baseline(reward, n)
+        elif cfg.advantage_estimator == "group_norm":
+            reward = group_norm(reward, n)
+        token_rewards = -self.kl_ctl.value * kl
+        token_rewards[torch.arange(len(exp), device=dev), last_token_index(exp.action_mask)] += reward
+        if cfg.advantage_estimator == "gae":
+            assert values is not None
+            exp.advantages, exp.returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lambd)
+            exp.values = values
+            exp.advantages = self._whiten(exp.advantages, mask)
+        else:
+            exp.advantages = discounted_returns(token_rewards, mask, cfg.gamma)
+            if cfg.advantage_estimator == "reinforce":
+                exp.advantages = self._whiten(exp.advantages, mask)
+        return exp, metrics
+
+    def _layout(self, gens: list[tuple[Any, torch.Tensor]], dev: torch.device) -> Experience:
+        """The micro batches' generations in one layout: prompts right-aligned at P, answers from P on."""
+        P = max(g.prompt_len for g, _ in gens)
+        T = max(g.responses.shape[1] for g, _ in gens)
+        S = sum(g.sequences.shape[0] for g, _ in gens)
+        seq = torch.full((S, P + T), self.pad, dtype=torch.long, device=dev)
+        attn = torch.zeros((S, P + T), dtype=torch.long, device=dev)
+        action = torch.zeros((S, T), dtype=torch.bool, device=dev)
+        r = 0
+        for g, prompt_mask in gens:
+            b, p, t = g.sequences.shape[0], g.prompt_len, g.responses.shape[1]
+            seq[r:r + b, P - p:P] = g.sequences[:, :p]
+            attn[r:r + b, P - p:P] = prompt_mask.to(dev)
+            seq[r:r + b, P:P + t] = torch.where(g.response_mask, g.responses, self.pad)
+            action[r:r + b, :t] = g.response_mask
+            r += b
+        attn[:, P:] = action.long()
+        position_ids = (attn.cumsum(1) - 1).clamp(min=0)
+        empty = torch.zeros((S, T), device=dev)
+        return Experience(seq, attn, position_ids, P, action, empty, empty, None, None)
+
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std over every rank's answer tokens."""
+        t = self.s.all_reduce({"sum": float((x * mask).double().sum()), "sq": float(((x * mask) ** 2).double().sum()),
+                               "n": float(mask.sum())}, op="sum")
+        mean = t["sum"] / max(t["n"], 1.0)
+        var = max(t["sq"] / max(t["n"], 1.0) - mean * mean, 0.0)
+        return (x - mean) / (var ** 0.5 + 1e-8) * mask

@@ -1,0 +1,178 @@
+"""The PPO loop: one update step = one rollout of ``rollout_batch_size`` prompts and its PPO epochs.
+
+It runs on the shared loop's machinery (``trainers.base.Trainer``): checkpoint manager, resume, save
+cadence, preemption, async and time-based saves, best-checkpoint bookkeeping. Only the data set-up
+and the per-step body differ: a step is a rollout over a prompt sampler, not an optimizer step over a
+dataset, and it trains two engines (tagged ``actor`` and ``critic`` in each checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from openrl_ckpt.checkpoint.faults import fault_point
+from openrl_ckpt.checkpoint.manager import CheckpointManager
+from openrl_ckpt.checkpoint.preemption import StopRequests, signal_name
+from openrl_ckpt.checkpoint.state import TrainState
+from openrl_ckpt.data.sampler import ResumableDistributedSampler
+from openrl_ckpt.errors import UserError
+from openrl_ckpt.inference.batching import batch_seed
+from openrl_ckpt.models.loss import ppo_policy_loss, ppo_value_loss
+from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
+from openrl_ckpt.trainers.base import LoopConfig, TrackerConfig, Trainer
+from openrl_ckpt.trainers.common import check_frozen_identity
+from openrl_ckpt.trainers.ppo.experience import (Experience, ExperienceMaker, PPOConfig, action_logprobs,
+                                                 critic_values)
+from openrl_ckpt.utils.tracking import Tracker
+
+log = logging.getLogger("openrl_ckpt")
+
+
+class PPOState:
+    """PPO's own part of the train state (JSON): KL coefficient, reward statistics, and the identity of
+    the frozen models (reference, reward models), which are reloaded, not checkpointed."""
+
+    def __init__(self, maker: ExperienceMaker, frozen: dict[str, dict[str, Any]]) -> None:
+        self.maker = maker
+        self.frozen = frozen  # flag -> identity (or identities, for --reward_pretrain)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl_ctl": self.maker.kl_ctl.state_dict(), "reward_moments": self.maker.moments.state_dict(),
+                "frozen": self.frozen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for flag, ids in state.get("frozen", {}).items():
+            current = self.frozen.get(flag, [])
+            for saved, now in zip(ids, current):
+                check_frozen_identity(saved, now, flag)
+            if len(ids) != len(current):
+                raise UserError(f"{flag}: this run has {len(current)} model(s), the checkpoint's run had "
+                                f"{len(ids)}; a resumed run must use the same ones")
+        self.maker.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.maker.moments.load_state_dict(state["reward_moments"])
+
+
+class PPOTrainer(Trainer):
+    def __init__(self, strategy: DeepspeedStrategy, actor: Any, critic: Any | None, maker: ExperienceMaker,
+                 prompts: Dataset, ppo: PPOConfig, cfg: LoopConfig, tracker_cfg: TrackerConfig,
+                 model_fingerprint: str, frozen: dict[str, list[dict[str, Any]]], *, tokenizer: Any = None,
+                 ckpt_meta: dict[str, Any] | None = None) -> None:
+        # The base constructor sets up an optimizer-step sampler over a dataset; PPO samples prompts
+        # per rollout instead, so the attributes the shared machinery reads are set here.
+        self.s = strategy
+        self.engine = actor
+        self.critic = critic
+        self.maker = maker
+        self.ppo = ppo
+        self.cfg = cfg
+        self.tracker_cfg = tracker_cfg
+        self.engines = {"actor": actor, **({"critic": critic} if critic is not None else {})}
+        self.meta = dict(ckpt_meta or {})
+        self.tokenizer = tokenizer
+        self.algo = PPOState(maker, frozen)  # type: ignore[assignment]
+        self._last_eval = None
+        self._best_room_checked = False
+        self.eval_loader = None
+        self._check_ckpt_options(has_eval=False)
+        world = strategy.world_size
+        self.sampler = ResumableDistributedSampler(len(prompts), ppo.rollout_batch_size, world, strategy.rank,
+                                                   seed=cfg.seed, shuffle=cfg.shuffle)
+        self.loader = strategy.setup_dataloader(prompts, self.sampler, ppo.rollout_batch_size // world, list)
+        self.total_steps = self.sampler.steps_per_epoch * ppo.num_episodes
+        self.state = TrainState(algorithm=cfg.algorithm, global_batch_size=ppo.rollout_batch_size,
+                                world_size=world, model_fingerprint=model_fingerprint,
+                                zero_stage=strategy.cfg.zero_stage)
+
+    # ------------------------------------------------------------------ one update step
+    def update(self, exp: Experience, step: int) -> dict[str, float]:
+        """PPO epochs over this rank's rollout in shuffled micro batches; actor and critic step at their
+        accumulation boundaries (every --train_batch_size samples, all ranks together)."""
+        ppo, s = self.ppo, self.s
+        train_actor = step >= ppo.freezing_actor_steps
+        sums: dict[str, float] = {}
+        count = 0
+        for epoch in range(ppo.max_epochs):
+            g = torch.Generator()
+            g.manual_seed(batch_seed(ppo.seed, step, -1 - epoch))  # the same order after a resume
+            order = torch.randperm(len(exp), generator=g).to(exp.sequences.device)
+            for start in range(0, len(exp), ppo.micro_train_batch_size):
+                rows = order[start:start + ppo.micro_train_batch_size]
+                inputs, mask = exp.inputs(rows), exp.action_mask[rows]
+                if train_actor:
+                    logp = action_logprobs(self.engine, inputs, exp.prompt_len)
+                    loss, clipfrac = ppo_policy_loss(logp, exp.old_logp[rows], exp.advantages[rows], mask,
+                                                     ppo.eps_clip)
+                    s.backward(loss, self.engine)
+                    s.optimizer_step(self.engine)
+                    sums["policy_loss"] = sums.get("policy_loss", 0.0) + loss.item()
+                    sums["clip_frac"] = sums.get("clip_frac", 0.0) + clipfrac.item()
+                if self.critic is not None:
+                    assert exp.values is not None and exp.returns is not None
+                    values = critic_values(self.critic, inputs, exp.prompt_len)
+                    vloss = ppo_value_loss(values, exp.values[rows], exp.returns[rows], mask, ppo.value_clip)
+                    s.backward(vloss, self.critic)
+                    s.optimizer_step(self.critic)
+                    sums["value_loss"] = sums.get("value_loss", 0.0) + vloss.item()
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self, manager: CheckpointManager | None, tracker: Tracker, stop: StopRequests) -> str | None:
+        cfg, s, st, ppo = self.cfg, self.s, self.state, self.ppo
+        bar = tqdm(total=self.total_steps, initial=st.global_step, disable=None if s.is_rank_0 else True,
+                   desc=cfg.algorithm, dynamic_ncols=True)
+        last_saved = st.global_step if st.global_step > 0 else -1
+        last_save_time = time.monotonic()
+        stopped_by = None
+        self.engine.train()
+        if self.critic is not None:
+            self.critic.train()
+        while st.global_step < self.total_steps and stopped_by is None:
+            self.sampler.set_consumed(st.consumed_samples)
+            for rows in self.loader:
+                started = time.perf_counter()
+                exp, metrics = self.maker.make([r["input_ids"] for r in rows], st.global_step)
+                rollout_s = time.perf_counter() - started
+                metrics.update(self.update(exp, st.global_step))
+                self.maker.kl_ctl.update(s.all_reduce({"kl": metrics["kl"]})["kl"],
+                                         ppo.rollout_batch_size * ppo.n_samples_per_prompt)
+                st.global_step += 1
+                st.consumed_samples += ppo.rollout_batch_size
+                st.epoch = st.consumed_samples // self.sampler.epoch_positions
+                bar.update(1)
+                if st.global_step % cfg.logging_steps == 0 or st.global_step == self.total_steps:
+                    metrics = s.all_reduce(metrics)
+                    metrics.update(actor_lr=self._lr(), rollout_s=rollout_s,
+                                   step_s=time.perf_counter() - started, episode=st.epoch)
+                    self._log(metrics, tracker)
+                fault_point("step", st.global_step)
+                time_due = (s.is_rank_0 and cfg.save_interval_mins > 0
+                            and time.monotonic() - last_save_time >= cfg.save_interval_mins * 60)
+                agreed = s.all_reduce({"stop_rank": float(s.rank + 1) if stop.requested else 0.0,
+                                       "signal": float(stop.signum or 0), "time_due": float(time_due),
+                                       "save_failed": float(manager is not None and manager.background_failed())},
+                                      op="max")
+                if agreed["stop_rank"]:
+                    stopped_by = f"{signal_name(int(agreed['signal']))} on rank {int(agreed['stop_rank']) - 1}"
+                    if s.is_rank_0:
+                        log.info("stop requested (%s): step %d/%d is done, saving a checkpoint and exiting",
+                                 stopped_by, st.global_step, self.total_steps)
+                    break
+                if manager is not None and agreed["save_failed"]:
+                    self._wait(manager, must_commit=False)
+                cadence = cfg.save_steps > 0 and st.global_step % cfg.save_steps == 0
+                if manager is not None and (cadence or agreed["time_due"]):
+                    self.save(manager)
+                    last_saved, last_save_time = st.global_step, time.monotonic()
+                if st.global_step >= self.total_steps:
+                    break
+        bar.close()
+        if stopped_by is None and manager is not None and cfg.periodic_saves and last_saved != st.global_step:
+            self.save(manager)
+        return stopped_by
