@@ -369,9 +369,11 @@ class CheckpointManager:
         if pending is None:
             return None
         assert pending.thread is not None
-        if pending.thread.is_alive() and self.comm.rank == 0:
-            log.info("waiting for the background save of %s", pending.path)
-        pending.thread.join()
+        if pending.thread.is_alive():
+            started = time.perf_counter()
+            pending.thread.join()
+            if self.comm.rank == 0:
+                log.info("waited %.2fs for the background save of %s", time.perf_counter() - started, pending.path)
         if pending.error is not None:
             raise pending.error
         return pending.path

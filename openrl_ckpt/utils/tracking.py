@@ -49,13 +49,31 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            try:
+                self.wandb.log(metrics, step=step)
+            except Exception as e:
+                self._wandb_lost(e)
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except Exception as e:
+                self._wandb_lost(e)
         if self.tb is not None:
             self.tb.close()
+
+    def _wandb_lost(self, e: Exception) -> None:
+        """wandb's service process is gone: a job-wide SIGTERM reaches it too (the deepspeed launcher
+        signals the ranks' children). Losing the metrics must not lose the run or its checkpoint."""
+        import wandb
+
+        log.warning("wandb stopped working (%s: %s); training goes on without it", type(e).__name__, e)
+        self.wandb = None
+        try:
+            wandb.teardown()  # unregisters wandb's exit hook first, which would otherwise fail the same way
+        except Exception:
+            pass  # the service is gone: nothing left to tear down
