@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,98 @@ def test_bad_limits_are_user_errors(tmp_path):
         CheckpointManager(str(tmp_path), SingleProcessComm(), max_ckpt_num=0, max_ckpt_mem_gb=1)
     with pytest.raises(UserError, match="--max_ckpt_mem"):
         CheckpointManager(str(tmp_path), SingleProcessComm(), max_ckpt_num=1, max_ckpt_mem_gb=0)
+
+
+# ---------------------------------------------------------------- background saves and I/O faults
+
+
+def bg_manager(tmp_path, num=3):
+    m = CheckpointManager(str(tmp_path / "ckpt"), SingleProcessComm(), max_ckpt_num=num, max_ckpt_mem_gb=1e8,
+                          background_comm=SingleProcessComm())
+    m.prepare()
+    return m
+
+
+def deferred(payload: bytes, gate=None):
+    """A stage that captures now and writes in the flush (as the strategy's stage does)."""
+    def stage(tmp: Path):
+        def flush():
+            if gate is not None:
+                gate.wait(10)
+            (tmp / "model").mkdir()
+            (tmp / "model" / "weights.bin").write_bytes(payload)
+        return flush
+    return stage
+
+
+def test_background_save_commits_after_wait_and_keeps_the_state_of_its_step(tmp_path):
+    import threading
+
+    m = bg_manager(tmp_path)
+    gate = threading.Event()
+    state = make_state(4)
+    path = m.save(state, deferred(b"w4", gate), meta={}, background=True)
+    state.global_step = 5  # training moves on while the save is written
+    assert m.committed_steps() == [] and (m.root / ".tmp-global_step4").is_dir()
+    gate.set()
+    assert m.wait() == path == m.root / "global_step4"
+    assert m.committed_steps() == [4]
+    assert json.loads((path / STATE_FILE).read_text())["global_step"] == 4
+    assert m.find_resumable().step == 4
+    assert m.wait() is None, "nothing in flight any more"
+
+
+def test_next_save_waits_for_the_running_one(tmp_path):
+    m = bg_manager(tmp_path, num=10)
+    for step in (1, 2, 3):
+        m.save(make_state(step), deferred(bytes([step])), meta={}, background=True)
+    m.wait()
+    assert m.committed_steps() == [3, 2, 1]
+
+
+def test_failed_background_save_is_reported_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    m = bg_manager(tmp_path)
+    m.save(make_state(1), deferred(b"ok"), meta={}, background=True)
+    m.wait()
+    monkeypatch.setenv("OPENRL_FAULT", "write@2:raise=ENOSPC")
+    m.save(make_state(2), deferred(b"x"), meta={}, background=True)
+    deadline = time.monotonic() + 10
+    while not m.background_failed():
+        assert time.monotonic() < deadline, "the failing background save did not end"
+        time.sleep(0.01)
+    with pytest.raises(CheckpointError, match=r"cannot write .*\.tmp-global_step2 \(No space left on device"):
+        m.wait()
+    assert not m.background_failed() and m.wait() is None, "an error is raised once"
+    assert m.committed_steps() == [1] and not (m.root / ".tmp-global_step2").exists()
+
+
+def test_a_failed_write_names_the_file(tmp_path):
+    import errno
+
+    m = manager(tmp_path)
+
+    def stage(tmp):
+        def flush():
+            raise OSError(errno.EACCES, "Permission denied", str(tmp / "model" / "mp_rank_00_model_states.pt"))
+        return flush
+    with pytest.raises(CheckpointError, match=r"cannot write .*\.tmp-global_step3/model/mp_rank_00_model_states\.pt "
+                                              r"\(Permission denied\)"):
+        m.save(make_state(3), stage, meta={})
+    assert not (m.root / ".tmp-global_step3").exists()
+
+
+def test_a_rotation_that_cannot_delete_is_a_warning(tmp_path, monkeypatch, caplog):
+    import openrl_ckpt.checkpoint.manager as M
+
+    m = manager(tmp_path, num=1)
+    m.save(make_state(1), writer(), meta={})
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(dst).name.startswith(".del-"):
+            raise PermissionError(13, "Permission denied")
+        real_rename(src, dst)
+    monkeypatch.setattr(M.os, "rename", rename)
+    caplog.set_level("WARNING", logger="openrl_ckpt")
+    m.save(make_state(2), writer(), meta={})
+    assert m.committed_steps() == [2, 1] and "cannot rotate out checkpoint" in caplog.text

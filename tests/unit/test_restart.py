@@ -1,10 +1,8 @@
 """The restart wrapper, driving small python commands instead of a training run."""
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
