@@ -245,13 +245,15 @@ def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge
     with M.atomic_output(output) as tmp:
         if merge_lora:
             adapter_cfg = json.loads((hf_dir / M.ADAPTER_CONFIG).read_text())
+            given = base is not None
             base = base or adapter_cfg.get("base_model_name_or_path") or (
                 read_manifest(path).get("meta") or {}).get("pretrain")
             # a model with a head (reward model, critic) trains it in full: apply_lora(causal_lm=False, modules_to_save)
             heads = adapter_cfg.get("modules_to_save") or []
             is_rm = not adapter_cfg.get("task_type") and bool(heads)
             if not base or not Path(base).is_dir():
-                raise UserError(f"--merge_lora needs the base model, and {base!r} (the run's --pretrain) is not a "
+                raise UserError(f"--merge_lora needs the base model: --base {base} is not a folder" if given else
+                                f"--merge_lora needs the base model, and {base!r} (the run's --pretrain) is not a "
                                 f"folder here: pass --base DIR")
             with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".adapter-") as adapter_dir:
                 _write(Path(adapter_dir), state_dict, hf_dir, adapter, out_dtype, train_dtype)
