@@ -70,6 +70,21 @@ class FrozenModel:
             self.module.to("cpu")
 
 
+def _unlink_shm_workspace(rank: int) -> None:
+    """Remove this rank's name for DeepSpeed's CPU all-reduce workspace once every rank has mapped it.
+
+    On CPU, DeepSpeed creates a 69 MB /dev/shm file per rank and never removes it, so each run would
+    leak them into RAM-backed storage. The mappings outlive the name, so unlinking right after
+    start-up frees the memory when the processes exit, even after kill -9.
+    """
+    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    if not name.exists():
+        return
+    dist.barrier()  # every rank has opened every other rank's workspace by now
+    name.unlink(missing_ok=True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,6 +118,7 @@ class DeepspeedStrategy:
         self.rank = dist.get_rank()
         seed_everything(self.cfg.seed)
         self.grad_accum = self.accumulation_steps(self.world_size)
+        _unlink_shm_workspace(self.rank)
 
     def accumulation_steps(self, world_size: int) -> int:
         micro, glob = self.cfg.micro_train_batch_size, self.cfg.train_batch_size
