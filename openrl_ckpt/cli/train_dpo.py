@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         partial(pair_collate, pad_token_id=tokenizer.pad_token_id, packing=args.packing_samples),
         A.loop_config(args, "dpo"), A.tracker_config(args), fingerprint,
         eval_set=eval_set, eval_collate=partial(pair_collate, pad_token_id=tokenizer.pad_token_id),
-        ckpt_meta={"pretrain": args.pretrain, "ref_pretrain": reference_id["path"]})
+        ckpt_meta={"pretrain": args.pretrain, "ref_pretrain": reference_id["path"]}, tokenizer=tokenizer)
     trainer.fit()
 
     # 5. export

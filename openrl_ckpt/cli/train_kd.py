@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(strategy, engine, algo, train_set, collate, A.loop_config(args, "kd"), A.tracker_config(args),
                       fingerprint, eval_set=eval_set,
                       eval_collate=partial(pad_collate, pad_token_id=tokenizer.pad_token_id),
-                      ckpt_meta={"pretrain": args.pretrain, "teacher_model": teacher_id["path"]})
+                      ckpt_meta={"pretrain": args.pretrain, "teacher_model": teacher_id["path"]}, tokenizer=tokenizer)
     trainer.fit()
 
     # 5. export

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                         reference_identity=reference_id)
     trainer = Trainer(strategy, engine, algo, train_set, collate, A.loop_config(args, "kto"), A.tracker_config(args),
                       fingerprint, eval_set=eval_set, eval_collate=partial(collate, packing=False),
-                      ckpt_meta={"pretrain": args.pretrain, "ref_pretrain": reference_id["path"]})
+                      ckpt_meta={"pretrain": args.pretrain, "ref_pretrain": reference_id["path"]}, tokenizer=tokenizer)
     trainer.fit()
 
     # 5. export

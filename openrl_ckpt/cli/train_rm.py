@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         strategy, engine, RewardModelAlgorithm(engine, strategy.device, LOSSES[args.loss], args.compute_fp32_loss),
         train_set, collate, A.loop_config(args, "rm"), A.tracker_config(args), fingerprint,
         eval_set=eval_set, eval_collate=partial(pair_collate, pad_token_id=tokenizer.pad_token_id),
-        ckpt_meta={"pretrain": args.pretrain})
+        ckpt_meta={"pretrain": args.pretrain}, tokenizer=tokenizer)
     trainer.fit()
 
     # 5. reward statistics of the final model, then export
