@@ -129,6 +129,7 @@ def model_config(args: A.argparse.Namespace) -> ModelConfig:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_args(args)
+    setup_logging(int(os.environ.get("RANK", "0")))
     if args.eval_task == "generate_vllm":
         run_generate_vllm(args)
         return
@@ -137,8 +138,6 @@ def main(argv: list[str] | None = None) -> None:
     strategy = DeepspeedStrategy(StrategyConfig(seed=args.seed, zero_stage=args.zero_stage, bf16=args.bf16,
                                                 micro_train_batch_size=args.micro_batch_size,
                                                 train_batch_size=args.micro_batch_size * world))
-    strategy.setup_distributed()
-    setup_logging(strategy.rank)
     if args.eval_task == "generate":
         run_generate(args, strategy)
     else:
@@ -199,7 +198,8 @@ def run_generate(args: A.argparse.Namespace, strategy: DeepspeedStrategy) -> Non
     best_of_n = args.best_of_n or 1
     tokenizer = load_tokenizer(args.pretrain, padding_side="left")
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
-    prompts = load_prompts(args, tokenizer)
+    prompts = load_prompts(args, tokenizer)  # bad data fails here, before the process group
+    strategy.setup_distributed()
     on_rank_0(strategy, lambda: check_output_path(args.output_path))
 
     strategy.before_model_load()
@@ -289,7 +289,6 @@ def on_rank_0(strategy: DeepspeedStrategy, fn: Callable[[], Any]) -> Any:
 
 
 def run_generate_vllm(args: A.argparse.Namespace) -> None:
-    setup_logging(0)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--eval_task generate_vllm runs in one process (vLLM spreads the model over --tp_size GPUs "
                         "itself): launch it with python -m, not with several ranks")
@@ -347,6 +346,7 @@ def run_rm(args: A.argparse.Namespace, strategy: DeepspeedStrategy) -> None:
     if args.post_processor == "iter_dpo" and len({i for i, _ in pairs}) == len(pairs):
         raise UserError(f"--post_processor iter_dpo: every input of {args.dataset} has a single output; pairs need "
                         "several (generate with --best_of_n 2 or more)")
+    strategy.setup_distributed()
     on_rank_0(strategy, lambda: check_output_path(args.output_path))
 
     strategy.before_model_load()
@@ -399,11 +399,11 @@ def post_process(args: A.argparse.Namespace, scored: list[dict[str, Any]]) -> li
         return P.conditional_sft(scored, args.reward_template, normalize=args.ca_normalize_reward)
     if args.post_processor == "iter_dpo":
         pairs, stats = P.iterative_dpo_pairs(scored)
-        log.info("iter_dpo: %d pairs; dropped %d inputs with a single output and %d whose outputs all got the "
-                 "same reward", stats.pairs, stats.single_output, stats.equal_rewards)
+        log.info("iter_dpo: %d pairs; dropped %d inputs with a single output and %d whose outputs are all the "
+                 "same or all got the same reward", stats.pairs, stats.single_output, stats.no_preference)
         if not pairs:
             raise UserError(f"--post_processor iter_dpo: no pairs from {args.dataset} (every input has a single "
-                            "output or equal rewards)")
+                            "output, or outputs that are all the same or equally rewarded)")
         return pairs
     return scored
 

@@ -76,7 +76,7 @@ def conditional_sft(rows: list[Row], template: str = DEFAULT_REWARD_TEMPLATE, no
 class PairStats:
     pairs: int
     single_output: int  # inputs with one output: nothing to compare
-    equal_rewards: int  # inputs whose outputs all got the same reward: no preference
+    no_preference: int  # inputs whose outputs are all the same text or all got the same reward
 
 
 def iterative_dpo_pairs(rows: list[Row]) -> tuple[list[Row], PairStats]:
@@ -88,12 +88,13 @@ def iterative_dpo_pairs(rows: list[Row]) -> tuple[list[Row], PairStats]:
             single += 1
             continue
         best, worst = _first_max(group), _first_min(group)
-        if best["reward"] == worst["reward"]:
+        # the same text scored in two micro batches can differ in the last bits: compare the texts too
+        if best["reward"] == worst["reward"] or best["output"] == worst["output"]:
             equal += 1
             continue
         pairs.append({"prompt": best["input"], "chosen": best["output"], "chosen_reward": best["reward"],
                       "rejected": worst["output"], "rejected_reward": worst["reward"]})
-    return pairs, PairStats(pairs=len(pairs), single_output=single, equal_rewards=equal)
+    return pairs, PairStats(pairs=len(pairs), single_output=single, no_preference=equal)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -203,3 +203,24 @@ def build_smollm2_shaped(out_dir: str, tokenizer_dir: str | None = None, seed: i
         tie_word_embeddings=True,
     )
     return _save_model(out_dir, config, tokenizer, seed)
+
+
+def build_reward_model(out_dir: str, base_dir: str, *, seed: int = 0, mean: float | None = None,
+                       std: float | None = None) -> str:
+    """A reward model on the backbone of the causal LM in `base_dir` with a randomly initialised
+    `score` head (seeded), saved with the tokenizer as train_rm saves one. `mean`/`std`: reward
+    statistics stored in the config, as train_rm --normalize_reward does."""
+    import torch
+
+    from openrl_ckpt.models.actor import ModelConfig, load_tokenizer
+    from openrl_ckpt.models.reward import load_reward_model, set_reward_normalization
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = load_reward_model(ModelConfig(pretrain=base_dir), "score", require_head=False)
+    if mean is not None:
+        set_reward_normalization(model, mean, 1.0 if std is None else std)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(base_dir).save_pretrained(out_dir)
+    return out_dir
