@@ -1,7 +1,8 @@
 """batch_inference end to end. generate: 2 ranks under ZeRO-3 with an uneven share of micro batches
 (one rank runs a dummy batch) write every selected prompt exactly best_of_n times, in order, and the
 very same file as one process without ZeRO. rm: rewards match the reward model run here, and each
-post-processor picks what it should. Bad inputs are one-line errors with their exit status."""
+post-processor picks what it should. Bad inputs are one-line errors with their exit status. And
+generate() on a ZeRO-3 training engine (the PPO use) samples what one process samples."""
 
 from __future__ import annotations
 
@@ -92,8 +93,10 @@ def expected_rewards(model_dir: str, rows: list[dict]) -> list[float]:
 def test_rm_scores_and_each_post_processor(tmp_path, reward_models, answers):
     rows = read_jsonl(answers)
     raw = expected_rewards(reward_models["raw"], rows)
-    args = lambda model, out, *extra: ["--eval_task", "rm", "--pretrain", model, "--dataset", str(answers),  # noqa: E731
-                                       "--micro_batch_size", "3", "--output_path", str(tmp_path / out), *extra]
+
+    def args(model: str, out: str, *extra: str) -> list[str]:
+        return ["--eval_task", "rm", "--pretrain", model, "--dataset", str(answers), "--micro_batch_size", "3",
+                "--output_path", str(tmp_path / out), *extra]
 
     # rs on 2 ranks under ZeRO-3: 15 rows in 5 micro batches, so rank 1 runs a dummy forward
     rs = run(launch_cmd(MODULE, args(reward_models["raw"], "rs.jsonl", "--post_processor", "rs", "--zero_stage", "3")))
@@ -166,3 +169,56 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_model_dir, reward_models,
     assert single.returncode == 2
     assert "iter_dpo compares several answers per input: --best_of_n 1" in one_error_line(single.output)
     assert not out.exists()
+
+
+ENGINE_SCRIPT = '''
+import json, sys
+from openrl_ckpt.inference.generation import SamplingConfig, generate
+from openrl_ckpt.models.actor import ModelConfig, load_causal_lm, load_tokenizer
+from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, OptimConfig, StrategyConfig
+
+model_dir, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+strategy = DeepspeedStrategy(StrategyConfig(zero_stage=3, micro_train_batch_size=1, train_batch_size=2))
+strategy.setup_distributed()
+strategy.before_model_load()
+engine = strategy.prepare(load_causal_lm(ModelConfig(pretrain=model_dir, gradient_checkpointing=True)),
+                          OptimConfig(learning_rate=1e-3), total_steps=4)
+engine.train()
+tok = load_tokenizer(model_dir, padding_side="left")
+texts, new_tokens = PROMPTS[strategy.rank], NEW_TOKENS[strategy.rank]
+batch = tok(texts, return_tensors="pt", padding=True)
+result = generate(engine, batch["input_ids"], batch["attention_mask"], SamplingConfig(max_new_tokens=new_tokens),
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, zero_stage=3, seed=100 + strategy.rank)
+assert engine.module.training
+seq = result.sequences[:1]
+engine.backward(engine(input_ids=seq, labels=seq).loss)  # the engine trains on after generating
+engine.step()
+with open(f"{out}.{strategy.rank}", "w") as f:
+    json.dump(result.sequences.tolist(), f)
+'''
+PROMPTS = [["User: hi\nAssistant: ", "Sort 3, 1, 2 please", "What is 2+2?"], ["Name a colour."]]
+NEW_TOKENS = [5, 9]
+
+
+def test_generate_on_a_zero3_training_engine_with_uneven_ranks_gives_the_one_process_samples(tmp_path, tiny_model_dir):
+    """The PPO use: generate() on a ZeRO-3 training engine (activation checkpointing, train mode), rank 0
+    with 3 prompts and 5 new tokens, rank 1 with 1 prompt and 9; each rank's samples are those of a
+    plain model in one process with the same seed, and the engine still trains afterwards."""
+    from launch import DEEPSPEED, free_port
+
+    from openrl_ckpt.inference.generation import SamplingConfig, generate
+    from openrl_ckpt.models.actor import ModelConfig, load_causal_lm, load_tokenizer
+
+    script = tmp_path / "engine_generate.py"
+    script.write_text(f"PROMPTS = {PROMPTS!r}\nNEW_TOKENS = {NEW_TOKENS!r}\n{ENGINE_SCRIPT}")
+    res = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(script), tiny_model_dir,
+               str(tmp_path / "out")])
+    assert res.returncode == 0, res.output[-3000:]
+    model = load_causal_lm(ModelConfig(pretrain=tiny_model_dir))
+    tok = load_tokenizer(tiny_model_dir, padding_side="left")
+    for rank in (0, 1):
+        batch = tok(PROMPTS[rank], return_tensors="pt", padding=True)
+        alone = generate(model, batch["input_ids"], batch["attention_mask"],
+                         SamplingConfig(max_new_tokens=NEW_TOKENS[rank]), eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, seed=100 + rank)
+        assert json.loads((tmp_path / f"out.{rank}").read_text()) == alone.sequences.tolist()

@@ -178,9 +178,12 @@ def test_generate_same_seed_same_samples_and_the_callers_rng_untouched(lm):
 
     model, tok, batch = lm
     model.train()
-    run = lambda seed: generate(model, batch["input_ids"], batch["attention_mask"],  # noqa: E731
-                                SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=50),
-                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=seed)
+
+    def run(seed: int | None):
+        return generate(model, batch["input_ids"], batch["attention_mask"],
+                        SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=50),
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=seed)
+
     torch.manual_seed(123)
     state = torch.get_rng_state()
     a, b, c = run(1), run(1), run(2)
