@@ -12,6 +12,7 @@ from typing import Any
 
 from openrl_ckpt.cli import args as A
 from openrl_ckpt.data.loading import load_blended_dataset
+from openrl_ckpt.data.sft_dataset import build_sft_dataset
 from openrl_ckpt.data.templates import (TemplateConfig, apply_tokenizer_chat_template, check_input_template,
                                         render_prompt)
 from openrl_ckpt.errors import UserError
@@ -23,6 +24,8 @@ from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
 from openrl_ckpt.trainers.common import load_frozen, reference_identity
 from openrl_ckpt.trainers.ppo.control import AdaptiveKLController, FixedKLController, RunningMoments
 from openrl_ckpt.trainers.ppo.experience import ESTIMATORS, ExperienceMaker, PPOConfig, RewardScorer
+from openrl_ckpt.trainers.ppo.ema import EmaWeights
+from openrl_ckpt.trainers.ppo.ptx import PtxFeed
 from openrl_ckpt.trainers.ppo.trainer import PPOTrainer
 from openrl_ckpt.utils.tracking import setup_logging
 
@@ -79,18 +82,23 @@ def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
     g.add_argument("--reward_clip_range", type=float, nargs=2, default=(-10.0, 10.0))
     g.add_argument("--advantage_estimator", choices=ESTIMATORS, default="gae")
     g.add_argument("--freezing_actor_steps", type=int, default=-1, help="train only the critic for this many steps")
-    g.add_argument("--ptx_coef", type=float, default=0.0, help="not supported yet")
-    g.add_argument("--pretrain_data", default=None, help="not supported yet")
-    A.bool_flag(g, "--enable_ema", "not supported yet")
-    g.add_argument("--ema_beta", type=float, default=0.992, help="not supported yet")
+    g.add_argument("--ptx_coef", type=float, default=0.0, help="weight of an SFT loss on --pretrain_data in the "
+                   "actor's loss")
+    g.add_argument("--pretrain_data", default=None, help="comma-separated pretraining datasets for --ptx_coef")
+    g.add_argument("--pretrain_data_probs", default=None)
+    g.add_argument("--pretrain_split", default="train")
+    g.add_argument("--pretrain_input_key", default=None, help="text column of --pretrain_data (default: --input_key)")
+    A.bool_flag(g, "--enable_ema", "keep an exponential moving average of the actor's weights (checkpointed); "
+                "the exported actor holds it")
+    g.add_argument("--ema_beta", type=float, default=0.992)
     return p.parse_args(argv)
 
 
 def check_args(args: A.argparse.Namespace) -> None:
     """Flag checks that need no process group."""
     check_input_template(args.input_template)
-    for flag, unsupported in (("--vllm_num_engines", args.vllm_num_engines > 0), ("--enable_ema", args.enable_ema),
-                              ("--pretrain_data", args.pretrain_data is not None), ("--ptx_coef", args.ptx_coef != 0),
+    for flag, unsupported in (("--vllm_num_engines", args.vllm_num_engines > 0),
+                              ("--enable_ema with --zero_stage 3", args.enable_ema and args.zero_stage == 3),
                               ("--lora_rank", args.lora_rank > 0), ("--load_in_4bit", args.load_in_4bit),
                               ("--packing_samples", getattr(args, "packing_samples", False))):
         if unsupported:
@@ -115,6 +123,11 @@ def check_args(args: A.argparse.Namespace) -> None:
     if args.kl_target is not None and (args.kl_target <= 0 or args.kl_horizon < 1):
         raise UserError(f"--kl_target must be positive and --kl_horizon at least 1, got {args.kl_target} and "
                         f"{args.kl_horizon}")
+    if (args.ptx_coef > 0) != (args.pretrain_data is not None) or args.ptx_coef < 0:
+        raise UserError(f"--ptx_coef {args.ptx_coef} and --pretrain_data {args.pretrain_data}: give both (a positive "
+                        "coefficient and the data) or neither")
+    if args.enable_ema and not 0 < args.ema_beta < 1:
+        raise UserError(f"--ema_beta must be in (0, 1), got {args.ema_beta}")
     lo, hi = args.reward_clip_range
     if not lo < hi:
         raise UserError(f"--reward_clip_range needs low < high, got {lo} {hi}")
@@ -155,6 +168,17 @@ def load_prompts(args: A.argparse.Namespace, tokenizer: Any) -> list[dict[str, A
     return kept
 
 
+def load_pretrain_data(args: A.argparse.Namespace, tokenizer: Any) -> Any:
+    raw = load_blended_dataset(args.pretrain_data, args.pretrain_data_probs, seed=args.seed, split=args.pretrain_split,
+                               flag="--pretrain_data")
+    template = TemplateConfig(input_key=args.pretrain_input_key or args.input_key, output_key=None,
+                              input_template=None, apply_chat_template=False, input_flag="--pretrain_input_key")
+    data, stats = build_sft_dataset(raw, tokenizer, template, max_len=args.prompt_max_len + args.generate_max_len,
+                                    pretrain_mode=True, source=args.pretrain_data)
+    log.info("pretraining data: %s", stats)
+    return data
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_args(args)
@@ -186,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                             "pass --allow_tokenizer_mismatch to score the decoded text with the reward model's own")
         reward_tokenizers.append(reward_tok if difference else None)
     prompts = load_prompts(args, tokenizer)
+    pretrain_data = load_pretrain_data(args, tokenizer) if args.pretrain_data else None
 
     # 3. models: actor and critic trained; reference and reward models frozen (reloaded, checked on resume)
     strategy.before_model_load()
@@ -232,10 +257,15 @@ def main(argv: list[str] | None = None) -> None:
     trainer = PPOTrainer(strategy, actor, critic, maker, prompts, ppo, A.loop_config(args, "ppo"),
                          A.tracker_config(args), fingerprint, frozen, tokenizer=tokenizer,
                          ckpt_meta={"pretrain": args.pretrain, "reward_pretrain": reward_paths,
-                                    "critic_pretrain": critic_path if critic is not None else None})
+                                    "critic_pretrain": critic_path if critic is not None else None},
+                         ptx=PtxFeed(strategy, pretrain_data, args.micro_train_batch_size, tokenizer.pad_token_id,
+                                     args.seed) if pretrain_data is not None else None, ptx_coef=args.ptx_coef,
+                         ema=EmaWeights(actor.module, args.ema_beta) if args.enable_ema else None)
     trainer.fit()
 
-    # 5. export
+    # 5. export (with --enable_ema the actor's averaged weights)
+    if trainer.ema is not None:
+        trainer.ema.copy_to(actor.module)
     strategy.save_model(actor, tokenizer, args.save_path)
     if args.save_value_network and critic is not None:
         strategy.save_model(critic, tokenizer, args.save_path.rstrip("/") + "_critic")

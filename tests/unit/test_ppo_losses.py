@@ -105,3 +105,21 @@ def test_rloo_and_group_norm_by_hand() -> None:
     close(rloo_baseline(torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0]), 3), [-1.5, 0.0, 1.5, -15.0, 0.0, 15.0])
     s = 1 / math.sqrt(2)  # [1, 3]: mean 2, unbiased std sqrt(2)
     close(group_norm(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2), [-s, s, 0.0, 0.0])
+
+
+def test_ema_by_hand(tmp_path) -> None:
+    from openrl_ckpt.trainers.ppo.ema import EmaWeights, save_ema
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema = EmaWeights(model, beta=0.75)
+    with torch.no_grad():
+        model.weight.fill_(6.0)
+    ema.update(model)  # 0.75 * 2 + 0.25 * 6 = 3
+    assert ema.tensors["weight"].item() == 3.0
+    save_ema(ema.snapshot(), tmp_path / "ema.safetensors")
+    again = EmaWeights(model, beta=0.75)
+    again.load(tmp_path / "ema.safetensors")
+    again.copy_to(model)
+    assert model.weight.item() == 3.0
