@@ -325,11 +325,10 @@ class DeepspeedStrategy:
                 try:
                     for name in engines:
                         convert_to_universal(resumed.path, name, universal)
-                        self._universal_model_states(universal / name)
                     log.info("converted %s to the universal format in %.1fs", resumed.path,
                              time.perf_counter() - started)
                 except (OSError, ValueError, RuntimeError, AssertionError) as e:
-                    err = f"cannot convert {resumed.path} to the universal format for this world size: {e}"
+                    err = f"cannot convert {resumed.path} to the universal format: {e}"
             err = TorchDistComm().broadcast_object(err)
             if err:
                 raise CheckpointError(err)
@@ -352,15 +351,6 @@ class DeepspeedStrategy:
             restore_rng(saved.rng[self.rank])
         else:
             seed_everything(self.cfg.seed + resumed.step)
-
-    def _universal_model_states(self, folder: Path) -> None:
-        """A universal load takes the weights from ``zero/`` and only counters and the LR schedule from
-        the model-states file, which this ZeRO stage looks up under its own name: link it there when the
-        checkpoint was saved under another stage's name."""
-        want = folder / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if self.cfg.zero_stage == 3
-                         else "mp_rank_00_model_states.pt")
-        if not want.exists():
-            os.link(min(folder.glob("*mp_rank_00_model_states.pt")), want)
 
     # ------------------------------------------------------------------ export
     def full_state_dict(self, engine_or_model: Any) -> dict[str, torch.Tensor] | None:

@@ -137,6 +137,8 @@ class Trainer:
         self.tracker_cfg = tracker_cfg
         self.engines = checkpoint_engines or {"model": engine}
         self.meta = dict(ckpt_meta or {})
+        self._last_saved = -1  # the step of the last checkpoint saved (or resumed from)
+        self._last_save_time = time.monotonic()
         self.tokenizer = tokenizer  # saved into each checkpoint's hf/<engine>/, so an export needs nothing else
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._best_room_checked = False
@@ -199,8 +201,11 @@ class Trainer:
                               wandb_run_id=self.state.extra.get("wandb_run_id"), start_step=self.state.global_step)
             if tracker.run_id:
                 self.state.extra["wandb_run_id"] = tracker.run_id
+            self._last_saved = self.state.global_step if self.state.global_step > 0 else -1
+            self._last_save_time = time.monotonic()  # rank 0's clock decides --save_interval_mins for all ranks
             try:
                 stopped_by = self._loop(manager, tracker, stop)
+                self._final_save(manager, stopped_by)
                 if stopped_by is not None:
                     self._preempted(manager, stopped_by, stop)
                 if manager is not None:
@@ -219,8 +224,6 @@ class Trainer:
         samples = _SampleLog(os.environ.get(SAMPLE_LOG_ENV), s.rank)
         window: dict[str, float] = {}
         window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
-        last_saved = st.global_step if st.global_step > 0 else -1
-        last_save_time = time.monotonic()  # rank 0's clock decides --save_interval_mins for all ranks
         stopped_by = None
         self.engine.train()
         while st.global_step < self.total_steps and stopped_by is None:
@@ -250,38 +253,51 @@ class Trainer:
                                    epoch=st.consumed_samples / self.sampler.epoch_positions)
                     self._log(metrics, tracker)
                     window, window_micro, window_tokens, window_start = {}, 0, 0, time.perf_counter()
-                fault_point("step", st.global_step)
-                # One small all-reduce per step: a stop request on any rank, rank 0's save clock and a
-                # failed background save all become every rank's decision at this same step.
-                time_due = (s.is_rank_0 and cfg.save_interval_mins > 0
-                            and time.monotonic() - last_save_time >= cfg.save_interval_mins * 60)
-                agreed = s.all_reduce({"stop_rank": float(s.rank + 1) if stop.requested else 0.0,
-                                       "signal": float(stop.signum or 0), "time_due": float(time_due),
-                                       "save_failed": float(manager is not None and manager.background_failed())},
-                                      op="max")
-                if agreed["stop_rank"]:
-                    stopped_by = f"{signal_name(int(agreed['signal']))} on rank {int(agreed['stop_rank']) - 1}"
-                    if s.is_rank_0:
-                        log.info("stop requested (%s): step %d/%d is done, saving a checkpoint and exiting",
-                                 stopped_by, st.global_step, self.total_steps)
+                stopped_by = self._step_boundary(manager, stop, tracker)
+                if stopped_by is not None:
                     break
-                if manager is not None and agreed["save_failed"]:
-                    self._wait(manager, must_commit=False)
-                if self.eval_loader is not None and cfg.eval_steps > 0 and st.global_step % cfg.eval_steps == 0:
-                    self._log(self.evaluate(), tracker)
-                cadence = cfg.save_steps > 0 and st.global_step % cfg.save_steps == 0
-                if manager is not None and (cadence or agreed["time_due"]):
-                    self.save(manager)
-                    last_saved, last_save_time = st.global_step, time.monotonic()
                 if st.global_step >= self.total_steps:
                     break
             if stopped_by is None and self.eval_loader is not None and cfg.eval_steps <= 0 and (
                     st.consumed_samples % self.sampler.epoch_positions == 0):
                 self._log(self.evaluate(), tracker)  # --eval_steps -1: once per epoch
         bar.close()
-        if stopped_by is None and manager is not None and cfg.periodic_saves and last_saved != st.global_step:
-            self.save(manager)  # the finished state, so a rerun of the same command only re-exports
         return stopped_by
+
+    def _step_boundary(self, manager: CheckpointManager | None, stop: StopRequests, tracker: Tracker) -> str | None:
+        """What every loop does after an optimizer step (metrics logged): agree on a stop request
+        (returns who asked, e.g. ``SIGTERM on rank 1``, without saving), then handle a failed
+        background save, evaluate on --eval_steps and save on --save_steps / --save_interval_mins."""
+        cfg, s, st = self.cfg, self.s, self.state
+        fault_point("step", st.global_step)
+        # One small all-reduce per step: a stop request on any rank, rank 0's save clock and a failed
+        # background save all become every rank's decision at this same step.
+        time_due = (s.is_rank_0 and cfg.save_interval_mins > 0
+                    and time.monotonic() - self._last_save_time >= cfg.save_interval_mins * 60)
+        agreed = s.all_reduce({"stop_rank": float(s.rank + 1) if stop.requested else 0.0,
+                               "signal": float(stop.signum or 0), "time_due": float(time_due),
+                               "save_failed": float(manager is not None and manager.background_failed())}, op="max")
+        if agreed["stop_rank"]:
+            stopped_by = f"{signal_name(int(agreed['signal']))} on rank {int(agreed['stop_rank']) - 1}"
+            if s.is_rank_0:
+                log.info("stop requested (%s): step %d/%d is done, saving a checkpoint and exiting", stopped_by,
+                         st.global_step, self.total_steps)
+            return stopped_by
+        if manager is not None and agreed["save_failed"]:
+            self._wait(manager, must_commit=False)
+        if self.eval_loader is not None and cfg.eval_steps > 0 and st.global_step % cfg.eval_steps == 0:
+            self._log(self.evaluate(), tracker)
+        cadence = cfg.save_steps > 0 and st.global_step % cfg.save_steps == 0
+        if manager is not None and (cadence or agreed["time_due"]):
+            self.save(manager)
+        return None
+
+    def _final_save(self, manager: CheckpointManager | None, stopped_by: str | None) -> None:
+        """At the end of a loop that was not stopped: the finished state, so a rerun of the same
+        command only re-exports."""
+        if stopped_by is None and manager is not None and self.cfg.periodic_saves and (
+                self._last_saved != self.state.global_step):
+            self.save(manager)
 
     def _preempted(self, manager: CheckpointManager | None, stopped_by: str, stop: StopRequests) -> None:
         st = self.state
@@ -315,10 +331,13 @@ class Trainer:
                                 background=self.cfg.async_save)
             if must_commit:
                 manager.wait()
-            return path
         except CheckpointError as e:
             self._save_failed(e, must_commit)
             return None
+        finally:
+            self._last_save_time = time.monotonic()  # a failed save also waits for the next one
+        self._last_saved = self.state.global_step
+        return path
 
     def _wait(self, manager: CheckpointManager, must_commit: bool) -> None:
         """Wait for the background save in flight, if any; its failure is handled like a failed save."""

@@ -43,9 +43,10 @@ class Tracker:
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a crashed run wrote after its last checkpoint (step start_step, whose
-            # own metrics were logged before it was saved), so curves stay continuous
-            self.tb = SummaryWriter(log_dir=use_tensorboard, purge_step=start_step + 1 if start_step else None)
+            # purge_step drops the events an earlier run wrote after the step this one starts from (a crash
+            # after its last checkpoint, whose own step was logged before it was saved; or before any
+            # checkpoint, for a run that starts fresh), so each curve holds every step once
+            self.tb = SummaryWriter(log_dir=use_tensorboard, purge_step=start_step + 1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.wandb is not None:
