@@ -224,3 +224,18 @@ def test_sampling_config_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
         SamplingConfig(**kwargs).check()
     SamplingConfig(max_new_tokens=4, temperature=0.0, greedy=True).check()
+
+
+def test_generate_vllm_without_vllm_is_a_one_line_error(tiny_model_dir, example_data_dir, tmp_path):
+    """The vLLM task imports vllm only when it runs; it starts no process group, so it runs in-process."""
+    import importlib.util
+
+    from openrl_ckpt.cli import batch_inference
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(UserError, match=r"generate_vllm needs the vllm package \(pip install 'openrl_ckpt\[vllm\]'"):
+        batch_inference.main(["--eval_task", "generate_vllm", "--pretrain", tiny_model_dir, "--dataset",
+                              str(example_data_dir / "prompts.jsonl"), "--input_key", "prompt", "--max_samples", "2",
+                              "--output_path", str(tmp_path / "out.jsonl")])
+    assert not (tmp_path / "out.jsonl").exists()
