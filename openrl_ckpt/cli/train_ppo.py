@@ -97,17 +97,17 @@ def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
 def check_args(args: A.argparse.Namespace) -> None:
     """Flag checks that need no process group."""
     check_input_template(args.input_template)
-    for flag, unsupported in (("--vllm_num_engines", args.vllm_num_engines > 0),
-                              ("--enable_ema with --zero_stage 3", args.enable_ema and args.zero_stage == 3),
-                              ("--lora_rank", args.lora_rank > 0), ("--load_in_4bit", args.load_in_4bit),
-                              ("--packing_samples", getattr(args, "packing_samples", False))):
+    if args.vllm_num_engines > 0:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise UserError("--vllm_num_engines needs the vllm package (pip install 'openrl_ckpt[vllm]' on a CUDA "
+                            "machine); drop the flag to generate with Hugging Face generate") from None
+        raise UserError("--vllm_num_engines: generation through vLLM is not supported by train_ppo yet; drop the "
+                        "flag to generate with Hugging Face generate")
+    for flag, unsupported in (("--enable_ema with --zero_stage 3", args.enable_ema and args.zero_stage == 3),
+                              ("--lora_rank", args.lora_rank > 0), ("--load_in_4bit", args.load_in_4bit)):
         if unsupported:
-            if flag == "--vllm_num_engines":
-                try:
-                    import vllm  # noqa: F401
-                except ImportError:
-                    raise UserError("--vllm_num_engines needs the vllm package (pip install 'openrl_ckpt[vllm]' on a "
-                                    "CUDA machine); drop the flag to generate with Hugging Face generate") from None
             raise UserError(f"{flag}: not supported by train_ppo yet")
     for flag, value in (("--rollout_batch_size", args.rollout_batch_size), ("--n_samples_per_prompt",
                         args.n_samples_per_prompt), ("--micro_rollout_batch_size", args.micro_rollout_batch_size),
@@ -245,7 +245,6 @@ def main(argv: list[str] | None = None) -> None:
     ppo = PPOConfig(rollout_batch_size=args.rollout_batch_size, micro_rollout_batch_size=args.micro_rollout_batch_size,
                     n_samples_per_prompt=args.n_samples_per_prompt, micro_train_batch_size=args.micro_train_batch_size,
                     max_epochs=args.max_epochs, num_episodes=args.num_episodes, sampling=sampling,
-                    init_kl_coef=args.init_kl_coef, kl_target=args.kl_target, kl_horizon=args.kl_horizon,
                     kl_estimator=args.kl_estimator, gamma=args.gamma, lambd=args.lambd, eps_clip=args.eps_clip,
                     value_clip=args.value_clip if args.value_clip > 0 else None,
                     normalize_reward=args.normalize_reward, reward_clip_range=tuple(args.reward_clip_range),

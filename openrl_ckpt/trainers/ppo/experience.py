@@ -35,10 +35,7 @@ class PPOConfig:
     max_epochs: int  # PPO epochs over each rollout
     num_episodes: int  # passes over the prompt set
     sampling: SamplingConfig
-    init_kl_coef: float = 0.01
-    kl_target: float | None = None
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"
+    kl_estimator: str = "k1"  # the coefficient lives in the KL controller
     gamma: float = 1.0
     lambd: float = 0.95
     eps_clip: float = 0.2
