@@ -1,8 +1,8 @@
 """The PPO loop: one update step = one rollout of ``rollout_batch_size`` prompts and its PPO epochs.
 
-It runs on the shared loop's machinery (``trainers.base.Trainer``): checkpoint manager, resume, save
-cadence, preemption, async and time-based saves, best-checkpoint bookkeeping. Only the data set-up
-and the per-step body differ: a step is a rollout over a prompt sampler, not an optimizer step over a
+It runs on the shared loop's machinery (``trainers.base.Trainer``): checkpoint manager, resume, the
+step-boundary handling (save cadence, preemption, async and time-based saves), the final save. Only
+the data set-up and the per-step body differ: a step is a rollout over a prompt sampler, not an optimizer step over a
 dataset, and it trains two engines (tagged ``actor`` and ``critic`` in each checkpoint).
 """
 
@@ -18,9 +18,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from openrl_ckpt.checkpoint.faults import fault_point
 from openrl_ckpt.checkpoint.manager import CheckpointManager, step_dir_name
-from openrl_ckpt.checkpoint.preemption import StopRequests, signal_name
+from openrl_ckpt.checkpoint.preemption import StopRequests
 from openrl_ckpt.checkpoint.state import TrainState
 from openrl_ckpt.data.sampler import ResumableDistributedSampler
 from openrl_ckpt.errors import UserError
@@ -94,6 +93,8 @@ class PPOTrainer(Trainer):
         self.algo = PPOState(maker, frozen, ptx)  # type: ignore[assignment]
         self._last_eval = None
         self._best_room_checked = False
+        self._last_saved = -1
+        self._last_save_time = time.monotonic()
         self.eval_loader = None
         self._check_ckpt_options(has_eval=False)
         world = strategy.world_size
@@ -187,8 +188,6 @@ class PPOTrainer(Trainer):
         cfg, s, st, ppo = self.cfg, self.s, self.state, self.ppo
         bar = tqdm(total=self.total_steps, initial=st.global_step, disable=None if s.is_rank_0 else True,
                    desc=cfg.algorithm, dynamic_ncols=True)
-        last_saved = st.global_step if st.global_step > 0 else -1
-        last_save_time = time.monotonic()
         stopped_by = None
         self.engine.train()
         if self.critic is not None:
@@ -212,30 +211,12 @@ class PPOTrainer(Trainer):
                                    step_s=time.perf_counter() - started, episode=st.epoch,
                                    peak_mem_gb=s.all_reduce({"m": _peak_memory_gb()}, op="max")["m"])
                     self._log(metrics, tracker)
-                fault_point("step", st.global_step)
-                time_due = (s.is_rank_0 and cfg.save_interval_mins > 0
-                            and time.monotonic() - last_save_time >= cfg.save_interval_mins * 60)
-                agreed = s.all_reduce({"stop_rank": float(s.rank + 1) if stop.requested else 0.0,
-                                       "signal": float(stop.signum or 0), "time_due": float(time_due),
-                                       "save_failed": float(manager is not None and manager.background_failed())},
-                                      op="max")
-                if agreed["stop_rank"]:
-                    stopped_by = f"{signal_name(int(agreed['signal']))} on rank {int(agreed['stop_rank']) - 1}"
-                    if s.is_rank_0:
-                        log.info("stop requested (%s): step %d/%d is done, saving a checkpoint and exiting",
-                                 stopped_by, st.global_step, self.total_steps)
+                stopped_by = self._step_boundary(manager, stop, tracker)
+                if stopped_by is not None:
                     break
-                if manager is not None and agreed["save_failed"]:
-                    self._wait(manager, must_commit=False)
-                cadence = cfg.save_steps > 0 and st.global_step % cfg.save_steps == 0
-                if manager is not None and (cadence or agreed["time_due"]):
-                    self.save(manager)
-                    last_saved, last_save_time = st.global_step, time.monotonic()
                 if st.global_step >= self.total_steps:
                     break
         bar.close()
-        if stopped_by is None and manager is not None and cfg.periodic_saves and last_saved != st.global_step:
-            self.save(manager)
         return stopped_by
 
 
