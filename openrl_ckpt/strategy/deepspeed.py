@@ -494,19 +494,25 @@ class _DeferredWrites:
         return getattr(self._real, name)
 
 
-def _to_host(obj: Any) -> Any:
+def _to_host(obj: Any, memo: dict[tuple[Any, ...], torch.Tensor] | None = None) -> Any:
     """A copy of a (nested) state dict whose tensors are new CPU tensors, so training can go on
-    changing the originals while the copy is written."""
+    changing the originals while the copy is written. Views of the same memory (tied weights) share
+    one copy, so the file holds them once, as a direct save would."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype,
+               obj.device)
+        if key not in memo:
+            memo[key] = obj.detach().to("cpu", copy=True)
+        return memo[key]
     if isinstance(obj, dict):
         out = copy.copy(obj)  # keeps the mapping's type (OrderedDict, defaultdict)
         for k, v in obj.items():
-            out[k] = _to_host(v)
+            out[k] = _to_host(v, memo)
         return out
     if isinstance(obj, list):
-        return [_to_host(v) for v in obj]
+        return [_to_host(v, memo) for v in obj]
     if isinstance(obj, tuple):
-        items = [_to_host(v) for v in obj]
+        items = [_to_host(v, memo) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return copy.deepcopy(obj)

@@ -67,3 +67,10 @@ def test_deferred_writes_queue_the_save_and_pass_everything_else_through():
     assert stand_in.name == "real" and len(queue) == 1
     writer, state, path = queue[0]
     assert isinstance(writer, Real) and path == "/x/file.pt" and torch.equal(state["t"], torch.ones(2))
+
+
+def test_host_copy_keeps_tied_weights_as_one_tensor():
+    w = torch.randn(4, 3)
+    copy = _to_host({"embed": w.detach(), "lm_head": w.detach(), "row": w[1]})
+    assert copy["embed"] is copy["lm_head"] and copy["embed"].data_ptr() != w.data_ptr()
+    assert torch.equal(copy["row"], w[1]) and copy["row"] is not copy["embed"]
