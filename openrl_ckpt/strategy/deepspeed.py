@@ -250,7 +250,8 @@ class DeepspeedStrategy:
     def all_reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
         if not values:
             return {}
-        t = torch.tensor(list(values.values()), dtype=torch.float64)
+        # on the device: NCCL reduces only CUDA tensors (gloo takes the CPU ones)
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
             if op == "mean":
