@@ -1,5 +1,5 @@
-"""What the trainers with a frozen second model share: model inputs from a sequence batch, per-sequence
-log-probabilities, and the identity of the frozen model (reference, teacher), checked on resume since
+"""What the trainers share: model inputs from a batch, token counts, per-sequence
+log-probabilities, and the identity of a frozen model (reference, teacher), checked on resume since
 it is not checkpointed."""
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import torch
 
 from openrl_ckpt.models.loss import sft_loss, token_logprobs
 from openrl_ckpt.trainers.base import StepOutput
+from openrl_ckpt.trainers.common import batch_tokens, model_inputs
 
 
 class SFTAlgorithm:
@@ -19,8 +20,7 @@ class SFTAlgorithm:
         self.aux_loss_coef = aux_loss_coef
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        kwargs = {k: batch[k].to(self.device) for k in ("attention_mask", "position_ids") if k in batch}
-        return self.engine(input_ids=batch["input_ids"].to(self.device), **kwargs)
+        return self.engine(**model_inputs(batch, self.device))
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         out = self._forward(batch)
@@ -31,8 +31,7 @@ class SFTAlgorithm:
         if self.aux_loss_coef > 0 and aux is not None:
             metrics["aux_loss"] = aux.item()
             loss = loss + self.aux_loss_coef * aux
-        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        return StepOutput(loss=loss, metrics=metrics, tokens=tokens)
+        return StepOutput(loss=loss, metrics=metrics, tokens=batch_tokens(batch))
 
     def eval_step(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
         out = self._forward(batch)
