@@ -190,6 +190,12 @@ def _rows(raw: datasets.Dataset):
         yield [(start + j + 1, {k: batch[k][j] for k in keys}) for j in range(n)]
 
 
+def _warn_identical(count: int, source: str) -> None:
+    if count:
+        log.warning("%s: %d pairs have the same chosen and rejected answer; they carry no preference and are "
+                    "dropped", source, count)
+
+
 def build_preference_dataset(raw: datasets.Dataset, tokenizer, cfg: PreferenceConfig, *, max_len: int,
                              source: str) -> tuple[PreferenceDataset, PreferenceStats]:
     check_columns(raw, {"--prompt_key": cfg.prompt_key, "--chosen_key": cfg.chosen_key,
@@ -221,9 +227,7 @@ def build_preference_dataset(raw: datasets.Dataset, tokenizer, cfg: PreferenceCo
             margins.append(margin)
     stats = PreferenceStats(total=len(raw), kept=len(prompt_lens), dropped_prompt_too_long=too_long,
                             dropped_identical=identical, truncated=tk.truncated)
-    if identical:
-        log.warning("%s: %d pairs have the same chosen and rejected answer; they carry no preference and are "
-                    "dropped", source, identical)
+    _warn_identical(identical, source)
     if stats.kept == 0:
         raise UserError(f"{source}: all {stats.total} pairs were dropped: {too_long} prompts too long for --max_len "
                         f"{max_len}, {identical} with chosen identical to rejected")
@@ -270,9 +274,7 @@ def split_pairs(raw: datasets.Dataset, tokenizer, cfg: PreferenceConfig, *, max_
                 identical += 1
                 continue
             rows += [(prompt, chosen, True), (prompt, rejected, False)]
-    if identical:
-        log.warning("%s: %d pairs have the same chosen and rejected answer; they carry no preference and are "
-                    "dropped", source, identical)
+    _warn_identical(identical, source)
     return _labelled(rows, tokenizer, max_len, cfg.apply_chat_template, source, identical)
 
 
