@@ -23,8 +23,10 @@ def sft_args(model: str, data: Path, ckpt: Path, out: Path, zero: int, max_ckpt_
             "--logging_steps", "1", "--seed", "3"]
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_kill9_anywhere_then_rerun_gives_identical_weights(zero, tmp_path, tiny_dropout_model_dir, sft_data):
+def test_kill9_anywhere_then_rerun_gives_identical_weights(tmp_path, tiny_dropout_model_dir, sft_data):
+    # ZeRO-2 here; a kill -9 and bitwise resume under ZeRO-3 (partitioned weights) is
+    # test_dpo_learns_and_resumes_bitwise_under_zero3, and the commit/damage logic is stage-independent.
+    zero = 2
     ref_ckpt, ref_out = tmp_path / "ref_ckpt", tmp_path / "ref_out"
     ref = run(launch_cmd("openrl_ckpt.cli.train_sft",
                          sft_args(tiny_dropout_model_dir, sft_data, ref_ckpt, ref_out, zero, max_ckpt_num=1)))
