@@ -13,7 +13,9 @@ OpenRLHF's tqdm postfix after every micro batch, TRL's loop through a TrainerCal
 - tokens/s: global batch x mean real tokens per sample (the data is the same for every tool and is
   filtered to fit max_len, so no tool truncates) / step time;
 - start-up: launch to the end of step 1, less one step time;
-- save: the gap across the step that saved, less one step time (what training waits for);
+- save: the checkpoint's write window on the file system, from its folder's first appearance to
+  ``latest`` naming it (both tools write ``latest`` last; ours after its checksums); under
+  --async_save, the time training was blocked, from our own log;
 - resume: a second launch from the run's mid-run checkpoint, launch to the end of its first step;
 - checkpoint size: bytes on disk of the mid-run checkpoint folder;
 - peak memory: the highest VmHWM among the training processes (per rank).
@@ -105,6 +107,26 @@ class Run:
     peak_gb: float
     ckpt_bytes: int | None
     output: str
+    save_window: tuple[float, float] | None = None  # first file of the watched save .. its commit
+
+
+def watch_save(ckpt: Path, step: int, started: float, done: threading.Event) -> list[float]:
+    """[first sight of the step's folder (ours: the .tmp- one), ``latest`` naming it]; both tools
+    write ``latest`` last, after every file of the checkpoint (ours: after checksums and the rename)."""
+    names = [ckpt / f"global_step{step}", ckpt / f".tmp-global_step{step}"]
+    times: list[float] = []
+    while not done.is_set() and len(times) < 2:
+        now = time.perf_counter() - started
+        if not times and any(p.exists() for p in names):
+            times.append(now)
+        if times:
+            try:
+                if (ckpt / "latest").read_text().strip() == f"global_step{step}":
+                    times.append(now)
+            except OSError:
+                pass
+        time.sleep(0.02)
+    return times
 
 
 class StepReader:
@@ -159,10 +181,16 @@ def is_trainer_process(pid: int) -> bool:
     return "python" in cmd and "deepspeed.launcher" not in cmd and "/bin/deepspeed " not in cmd
 
 
-def launch(job: Job, stop_after_step: int | None = None, timeout: float = 1800) -> Run:
+def launch(job: Job, stop_after_step: int | None = None, watch_step: int | None = None,
+           timeout: float = 1800) -> Run:
     """Run ``job``; with ``stop_after_step`` kill the whole run once that step (0: any first step)
-    has ended. What comes after is not measured: final saves and exports."""
+    has ended. What comes after is not measured: final saves and exports. ``watch_step``: time the
+    write of that step's checkpoint from the file system."""
     started = time.perf_counter()
+    done, window = threading.Event(), []
+    if watch_step is not None and job.ckpt is not None:
+        threading.Thread(target=lambda: window.extend(watch_save(job.ckpt, watch_step, started, done)),
+                         daemon=True).start()
     proc = subprocess.Popen(job.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env=job.env, start_new_session=True)
     peaks: dict[int, float] = {}
@@ -192,10 +220,12 @@ def launch(job: Job, stop_after_step: int | None = None, timeout: float = 1800) 
             os.killpg(proc.pid, signal.SIGKILL)
             sys.exit(f"{job.tool} ran past {timeout}s: {' '.join(job.cmd)}")
     proc.wait()
+    done.set()
     text = "".join(lines)
     if proc.returncode != 0 and not killed:
         sys.exit(f"{job.tool} failed ({proc.returncode}): {' '.join(job.cmd)}\n{text[-4000:]}")
-    return Run(job.tool, step_end, max(peaks.values(), default=0.0), None, text)
+    return Run(job.tool, step_end, max(peaks.values(), default=0.0), None, text,
+               (window[0], window[1]) if len(window) == 2 else None)
 
 
 def checkpoint_folder(ckpt: Path, step: int) -> Path | None:
@@ -224,6 +254,15 @@ def keep_only(ckpt: Path, step: int) -> None:
 # ------------------------------------------------------------------------------------------ figures
 
 
+def save_seconds(run: Run, step: int) -> float | None:
+    """What training waits for at a save: under --async_save our own log of the blocked time (the
+    write goes on in the background); otherwise the write window seen on the file system."""
+    m = re.search(rf"checkpoint step {step} staged in host memory \(training blocked ([0-9.]+)s\)", run.output)
+    if m:
+        return float(m.group(1))
+    return run.save_window[1] - run.save_window[0] if run.save_window else None
+
+
 def figures(run: Run, tokens_per_step: float, warmup: int, save_step: int | None) -> dict[str, float | None]:
     ends = run.step_end
     gaps = {k: ends[k] - ends[k - 1] for k in ends if k - 1 in ends and k > warmup}
@@ -233,7 +272,7 @@ def figures(run: Run, tokens_per_step: float, warmup: int, save_step: int | None
         "step_s": step_s,
         "tokens_per_s": tokens_per_step / step_s if step_s else None,
         "startup_s": ends[1] - step_s if step_s and 1 in ends else None,
-        "save_s": gaps[save_step + 1] - step_s if save_step and step_s and save_step + 1 in gaps else None,
+        "save_s": save_seconds(run, save_step),
         "peak_gb": run.peak_gb or None,
         "ckpt_gb": run.ckpt_bytes / 1e9 if run.ckpt_bytes else None,
     }
@@ -391,7 +430,7 @@ def run_case(case: Case, a: argparse.Namespace, work: Path, primed: set[str]) ->
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True)
             job = make(run_dir)
-            run = launch(job, stop_after_step=a.steps)
+            run = launch(job, stop_after_step=a.steps, watch_step=case.save_step)
             folder = checkpoint_folder(job.ckpt, case.save_step) if job.ckpt else None
             run.ckpt_bytes = folder_bytes(folder) if folder else None
             fig = figures(run, case.tokens_per_step, a.warmup, case.save_step)
