@@ -19,7 +19,9 @@ OpenRLHF's tqdm postfix after every micro batch, TRL's loop through a TrainerCal
 - resume: a second launch from the run's mid-run checkpoint, launch to the end of its first step;
 - checkpoint size: bytes on disk of the mid-run checkpoint folder;
 - peak memory: the highest VmHWM among the training processes (per rank).
-Medians over the pairs and the ratio ours/peer go to bench/RESULTS.md with date, commit and machine.
+Before every launch the page cache is dropped (as root), so no tool inherits a warm or dirty cache
+from the one before. Medians over the pairs and the ratio ours/peer go to bench/RESULTS.md with
+date, commit and machine.
 A benchmark, not a test: it prints figures and asserts nothing.
 """
 
@@ -181,11 +183,24 @@ def is_trainer_process(pid: int) -> bool:
     return "python" in cmd and "deepspeed.launcher" not in cmd and "/bin/deepspeed " not in cmd
 
 
+def settle() -> None:
+    """The same machine state before every launch: dirty pages written, page cache dropped, memory
+    compacted (as root; skipped elsewhere). Without it, whichever tool follows a run that just read
+    or wrote a 2 GB checkpoint starts slower, and the alternation order would pick the winner."""
+    os.sync()
+    for knob, value in (("/proc/sys/vm/drop_caches", "3"), ("/proc/sys/vm/compact_memory", "1")):
+        try:
+            Path(knob).write_text(value)
+        except OSError:
+            pass
+
+
 def launch(job: Job, stop_after_step: int | None = None, watch_step: int | None = None,
            timeout: float = 1800) -> Run:
     """Run ``job``; with ``stop_after_step`` kill the whole run once that step (0: any first step)
     has ended. What comes after is not measured: final saves and exports. ``watch_step``: time the
     write of that step's checkpoint from the file system."""
+    settle()
     started = time.perf_counter()
     done, window = threading.Event(), []
     if watch_step is not None and job.ckpt is not None:
@@ -459,11 +474,12 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def table(case: Case, results: dict[str, list[dict]]) -> list[str]:
+def table(case: Case, results: dict[str, list[dict]], measured: str | None) -> list[str]:
     tools = list(results)
     peer = next(t for t in tools if t in (OPENRLHF, TRL))  # ratios: every other column over the peer
     head = "| metric | " + " | ".join(tools) + " | " + " | ".join(f"{t} / {peer}" for t in tools if t != peer) + " |"
-    lines = [f"### {case.title}", "", head, "|" + "---|" * (1 + 2 * len(tools) - 1)]
+    lines = [f"### {case.title}", "", f"Measured {measured}." if measured else "", "", head,
+             "|" + "---|" * (1 + 2 * len(tools) - 1)]
     for key, label, _ in METRICS:
         meds = {t: median([r.get(key) for r in results[t]]) for t in tools}
         if all(v is None for v in meds.values()):
@@ -507,6 +523,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/openrl_compare")
     p.add_argument("--model", default=None, help="a model folder instead of the SmolLM2-135M-shaped one (smoke runs)")
     p.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
+    p.add_argument("--report", action="store_true", help="only write --results from the figures under --work")
     a = p.parse_args()
 
     work = Path(a.work)
@@ -518,25 +535,32 @@ def main() -> None:
     raw_path = work / "raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     primed: set[str] = set()
-    for name in a.cases.split(","):
-        raw[name] = run_case(cases[name], a, work, primed)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    for name in [] if a.report else a.cases.split(","):
+        results = run_case(cases[name], a, work, primed)
+        raw[name] = {"measured": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}"
+                                 + (" with uncommitted changes" if dirty else ""), "results": results}
         raw_path.write_text(json.dumps(raw, indent=1))  # a crash later keeps the cases already measured
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
+    gib = round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30)
     lines = ["# openrl_ckpt against its peers", "",
-             f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC at commit {commit.strip()} on "
-             f"{os.cpu_count()} CPU cores ({cpu}), {round(os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30)} GiB,"
-             " no GPU. Reproduce: `python bench/compare_peers.py`" + (f" --cases {a.cases}" if a.cases else "") + ".",
-             "", f"SmolLM2-135M-shaped model (random init, tied embeddings), shipped data filtered to max_len "
+             f"{os.cpu_count()} CPU cores ({cpu}), {gib} GiB, no GPU; OpenRLHF 0.11.2 and TRL 1.16.0 in their own "
+             "venvs. Reproduce: `python bench/compare_peers.py` (one case: `--cases sft`; every case keeps the date "
+             "and commit it was measured at).", "",
+             f"SmolLM2-135M-shaped model (random init, tied embeddings), shipped data filtered to max_len "
              f"{a.max_len}, {a.steps} steps per run (warm-up {a.warmup}), a checkpoint at step {a.save_step}, "
-             f"{a.pairs} alternating pairs; medians over the pairs. OpenRLHF 0.11.2, TRL 1.16.0.", ""]
-    for name in a.cases.split(","):
-        lines += table(cases[name], raw[name])
+             f"{a.pairs} alternating pairs; medians over the pairs.", ""]
+    for name in cases:  # every case measured so far, in the order of the issue
+        if name in raw:
+            entry = raw[name] if "results" in raw[name] else {"results": raw[name]}
+            lines += table(cases[name], entry["results"], entry.get("measured"))
     Path(a.results).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()
