@@ -50,6 +50,7 @@ PEERS = REPO.parent / "shared" / "peers"
 SFT_TEMPLATE = "User: {}\nAssistant: "
 OURS, OPENRLHF, TRL = "openrl_ckpt", "OpenRLHF", "TRL"
 OURS_PACKED, OURS_ASYNC = "openrl_ckpt --packing_samples", "openrl_ckpt --async_save"
+OURS_BF16_ACCUM = "openrl_ckpt --grad_accum_dtype bf16"
 RESUMED = {OURS: r"resumed from \S+global_step", OPENRLHF: r"Loaded the checkpoint"}
 
 
@@ -399,6 +400,12 @@ def build_cases(a: argparse.Namespace, model: Path, data: dict[str, tuple[Path, 
               OURS_ASYNC: ours("openrl_ckpt.cli.train_sft", [*ours_sft, *ds2, "--async_save"])},
              batch * sft_tokens, a.save_step, (OURS, OPENRLHF),
              ["save s for --async_save is the time training is blocked (the write goes on in the background)."]),
+        Case("sft_accum", f"SFT as above, with our gradients accumulated in bf16 as OpenRLHF's are "
+                          "(its --ds.grad_accum_dtype defaults to the model's dtype; ours to fp32)",
+             {OURS: ours("openrl_ckpt.cli.train_sft", [*ours_sft, *ds2]),
+              OPENRLHF: peer("openrlhf.cli.train_sft", peer_sft),
+              OURS_BF16_ACCUM: ours("openrl_ckpt.cli.train_sft", [*ours_sft, *ds2, "--grad_accum_dtype", "bf16"])},
+             batch * sft_tokens, a.save_step, (OURS, OPENRLHF)),
         Case("dpo", f"DPO with a reference model, ZeRO-2, bf16, eager attention, 2 ranks, {sft_2} pairs, "
                     "vs OpenRLHF train_dpo",
              {OURS: ours("openrl_ckpt.cli.train_dpo", [*ours_dpo, *ds2]),
