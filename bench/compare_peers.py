@@ -405,7 +405,7 @@ def build_cases(a: argparse.Namespace, model: Path, data: dict[str, tuple[Path, 
              {OURS: ours("openrl_ckpt.cli.train_sft", [*ours_sft, *ds2]),
               OPENRLHF: peer("openrlhf.cli.train_sft", peer_sft),
               OURS_BF16_ACCUM: ours("openrl_ckpt.cli.train_sft", [*ours_sft, *ds2, "--grad_accum_dtype", "bf16"])},
-             batch * sft_tokens, a.save_step, (OURS, OPENRLHF)),
+             batch * sft_tokens, a.save_step, ()),
         Case("dpo", f"DPO with a reference model, ZeRO-2, bf16, eager attention, 2 ranks, {sft_2} pairs, "
                     "vs OpenRLHF train_dpo",
              {OURS: ours("openrl_ckpt.cli.train_dpo", [*ours_dpo, *ds2]),
@@ -437,8 +437,9 @@ def build_cases(a: argparse.Namespace, model: Path, data: dict[str, tuple[Path, 
 
 def run_case(case: Case, a: argparse.Namespace, work: Path, primed: set[str]) -> dict[str, list[dict]]:
     """A B (C) A B (C) ...: every pair runs each tool once, in the same order."""
-    results: dict[str, list[dict]] = {tool: [] for tool in case.jobs}
-    for make in case.jobs.values() if a.prime else ():  # unmeasured: JIT-built ops, page cache, bytecode
+    jobs = {t: make for t, make in case.jobs.items() if not a.tools or t in a.tools.split(",")}
+    results: dict[str, list[dict]] = {tool: [] for tool in jobs}
+    for make in jobs.values() if a.prime else ():  # unmeasured: JIT-built ops, page cache, bytecode
         run_dir = work / "runs" / "prime"
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
@@ -447,7 +448,7 @@ def run_case(case: Case, a: argparse.Namespace, work: Path, primed: set[str]) ->
             primed.add(job.tool)
         shutil.rmtree(run_dir, ignore_errors=True)
     for pair in range(a.pairs):
-        for tool, make in case.jobs.items():
+        for tool, make in jobs.items():
             run_dir = work / "runs" / f"{case.name}-{pair}-{re.sub(r'[^a-z]+', '_', tool.lower())}"
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True)
@@ -530,6 +531,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/openrl_compare")
     p.add_argument("--model", default=None, help="a model folder instead of the SmolLM2-135M-shaped one (smoke runs)")
     p.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
+    p.add_argument("--tools", default="", help="comma-separated: only these tools of each case (a check, not a table)")
     p.add_argument("--report", action="store_true", help="only write --results from the figures under --work")
     a = p.parse_args()
 
