@@ -484,18 +484,18 @@ def median(values: list[float | None]) -> float | None:
 
 def table(case: Case, results: dict[str, list[dict]], measured: str | None) -> list[str]:
     tools = list(results)
-    peer = next(t for t in tools if t in (OPENRLHF, TRL))  # ratios: every other column over the peer
-    head = "| metric | " + " | ".join(tools) + " | " + " | ".join(f"{t} / {peer}" for t in tools if t != peer) + " |"
+    peer = next((t for t in tools if t in (OPENRLHF, TRL)), None)  # ratios: every other column over the peer
+    others = [t for t in tools if t != peer] if peer else []
+    head = "| metric | " + " | ".join([*tools, *(f"{t} / {peer}" for t in others)]) + " |"
     lines = [f"### {case.title}", "", f"Measured {measured}." if measured else "", "", head,
-             "|" + "---|" * (1 + 2 * len(tools) - 1)]
+             "|" + "---|" * (1 + len(tools) + len(others))]
     for key, label, _ in METRICS:
         meds = {t: median([r.get(key) for r in results[t]]) for t in tools}
         if all(v is None for v in meds.values()):
             continue
         cells = [f"{meds[t]:.3g}" if meds[t] is not None else "n/a" for t in tools]
-        ratios = [f"{meds[t] / meds[peer]:.2f}" if meds[t] is not None and meds[peer] else "n/a"
-                  for t in tools if t != peer]
-        lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        ratios = [f"{meds[t] / meds[peer]:.2f}" if meds[t] is not None and meds[peer] else "n/a" for t in others]
+        lines.append(f"| {label} | " + " | ".join([*cells, *ratios]) + " |")
     lines += [""] + [f"- {n}" for n in case.notes] + ([""] if case.notes else [])
     return lines
 
