@@ -402,8 +402,7 @@ def build_cases(a: argparse.Namespace, model: Path, data: dict[str, tuple[Path, 
              ["save s for --async_save is the time training is blocked (the write goes on in the background)."]),
         Case("sft_accum", f"SFT as above, with our gradients accumulated in bf16 as OpenRLHF's are "
                           "(its --ds.grad_accum_dtype defaults to the model's dtype; ours to fp32)",
-             {OURS: ours("openrl_ckpt.cli.train_sft", [*ours_sft, *ds2]),
-              OPENRLHF: peer("openrlhf.cli.train_sft", peer_sft),
+             {OPENRLHF: peer("openrlhf.cli.train_sft", peer_sft),
               OURS_BF16_ACCUM: ours("openrl_ckpt.cli.train_sft", [*ours_sft, *ds2, "--grad_accum_dtype", "bf16"])},
              batch * sft_tokens, a.save_step, ()),
         Case("dpo", f"DPO with a reference model, ZeRO-2, bf16, eager attention, 2 ranks, {sft_2} pairs, "
