@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from openrl_ckpt.checkpoint.comm import TorchDistComm
 from openrl_ckpt.checkpoint.inspect import HF_DIR
-from openrl_ckpt.checkpoint.manager import TMP_PREFIX, CheckpointError, CheckpointManager, Resumed, Stage
+from openrl_ckpt.checkpoint.manager import (TMP_PREFIX, CheckpointError, CheckpointManager, Resumed, Stage,
+                                             start_writeback)
 from openrl_ckpt.checkpoint.state import restore_rng, seed_everything
 from openrl_ckpt.checkpoint.universal import convert_to_universal, needs_universal
 from openrl_ckpt.errors import UserError
@@ -39,6 +40,7 @@ class StrategyConfig:
     train_batch_size: int = 8
     max_norm: float = 1.0
     adam_offload: bool = False
+    grad_accum_dtype: str = "fp32"  # with bf16: what gradients are accumulated and reduced in
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ class DeepspeedStrategy:
             "checkpoint": {"tag_validation": "Ignore"},
         }
         if c.bf16:
-            config["data_types"] = {"grad_accum_dtype": "fp32"}
+            config["data_types"] = {"grad_accum_dtype": c.grad_accum_dtype}
         return config
 
     def before_model_load(self) -> None:
@@ -297,6 +299,7 @@ class DeepspeedStrategy:
                         writer.save(state, path)
                     except RuntimeError as e:  # torch's file writer reports a failed write this way
                         raise OSError(errno.EIO, str(e).strip().splitlines()[0][:200], path) from e
+                    start_writeback(path)  # on disk while the next file is serialized
             return flush
         return stage
 
