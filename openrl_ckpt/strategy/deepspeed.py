@@ -281,9 +281,12 @@ class DeepspeedStrategy:
         def stage(tmp: Path) -> Callable[[], None]:
             writes: list[tuple[Any, Any, str]] = []
             for name, engine in engines.items():
-                exclude_frozen = any(not p.requires_grad for p in engine.module.parameters())
+                # every name of a frozen weight, tied aliases included (an lm_head tied to a frozen embedding)
+                frozen = frozenset(n for n, p in engine.module.named_parameters(remove_duplicate=False)
+                                   if not p.requires_grad)
+                exclude_frozen = bool(frozen)
                 real = engine.checkpoint_engine
-                engine.checkpoint_engine = _DeferredWrites(real, writes, host_copy)
+                engine.checkpoint_engine = _DeferredWrites(real, writes, host_copy, frozen)
                 try:
                     engine.save_checkpoint(str(tmp), tag=name, client_state={}, save_latest=False,
                                            exclude_frozen_parameters=exclude_frozen)
@@ -486,12 +489,19 @@ class _DeferredWrites:
     queued (its state copied to host memory first when ``host_copy``), everything else goes to the
     engine's own checkpoint engine, which later writes the queued files in DeepSpeed's format."""
 
-    def __init__(self, real: Any, queue: list[tuple[Any, Any, str]], host_copy: bool) -> None:
+    def __init__(self, real: Any, queue: list[tuple[Any, Any, str]], host_copy: bool,
+                 frozen: frozenset[str] = frozenset()) -> None:
         self._real = real
         self._queue = queue
         self._host_copy = host_copy
+        self._frozen = frozen
 
     def save(self, state_dict: Any, path: str) -> None:
+        module = state_dict.get("module") if isinstance(state_dict, dict) else None
+        if self._frozen and isinstance(module, dict):
+            # DeepSpeed's exclude_frozen_parameters finds frozen weights with named_parameters(), which
+            # skips tied aliases: a tied lm_head (the whole embedding) would stay in a LoRA checkpoint.
+            state_dict = {**state_dict, "module": {k: v for k, v in module.items() if k not in self._frozen}}
         self._queue.append((self._real, _to_host(state_dict) if self._host_copy else state_dict, path))
 
     def __getattr__(self, name: str) -> Any:
