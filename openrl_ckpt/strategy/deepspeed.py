@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from openrl_ckpt.checkpoint.comm import TorchDistComm
 from openrl_ckpt.checkpoint.inspect import HF_DIR
-from openrl_ckpt.checkpoint.manager import TMP_PREFIX, CheckpointError, CheckpointManager, Resumed, Stage
+from openrl_ckpt.checkpoint.manager import (TMP_PREFIX, CheckpointError, CheckpointManager, Resumed, Stage,
+                                             start_writeback)
 from openrl_ckpt.checkpoint.state import restore_rng, seed_everything
 from openrl_ckpt.checkpoint.universal import convert_to_universal, needs_universal
 from openrl_ckpt.errors import UserError
@@ -39,6 +40,7 @@ class StrategyConfig:
     train_batch_size: int = 8
     max_norm: float = 1.0
     adam_offload: bool = False
+    grad_accum_dtype: str = "fp32"  # with bf16: what gradients are accumulated and reduced in
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ class DeepspeedStrategy:
             "checkpoint": {"tag_validation": "Ignore"},
         }
         if c.bf16:
-            config["data_types"] = {"grad_accum_dtype": "fp32"}
+            config["data_types"] = {"grad_accum_dtype": c.grad_accum_dtype}
         return config
 
     def before_model_load(self) -> None:
@@ -279,9 +281,12 @@ class DeepspeedStrategy:
         def stage(tmp: Path) -> Callable[[], None]:
             writes: list[tuple[Any, Any, str]] = []
             for name, engine in engines.items():
-                exclude_frozen = any(not p.requires_grad for p in engine.module.parameters())
+                # every name of a frozen weight, tied aliases included (an lm_head tied to a frozen embedding)
+                frozen = frozenset(n for n, p in engine.module.named_parameters(remove_duplicate=False)
+                                   if not p.requires_grad)
+                exclude_frozen = bool(frozen)
                 real = engine.checkpoint_engine
-                engine.checkpoint_engine = _DeferredWrites(real, writes, host_copy)
+                engine.checkpoint_engine = _DeferredWrites(real, writes, host_copy, frozen)
                 try:
                     engine.save_checkpoint(str(tmp), tag=name, client_state={}, save_latest=False,
                                            exclude_frozen_parameters=exclude_frozen)
@@ -297,6 +302,7 @@ class DeepspeedStrategy:
                         writer.save(state, path)
                     except RuntimeError as e:  # torch's file writer reports a failed write this way
                         raise OSError(errno.EIO, str(e).strip().splitlines()[0][:200], path) from e
+                    start_writeback(path)  # on disk while the next file is serialized
             return flush
         return stage
 
@@ -483,12 +489,19 @@ class _DeferredWrites:
     queued (its state copied to host memory first when ``host_copy``), everything else goes to the
     engine's own checkpoint engine, which later writes the queued files in DeepSpeed's format."""
 
-    def __init__(self, real: Any, queue: list[tuple[Any, Any, str]], host_copy: bool) -> None:
+    def __init__(self, real: Any, queue: list[tuple[Any, Any, str]], host_copy: bool,
+                 frozen: frozenset[str] = frozenset()) -> None:
         self._real = real
         self._queue = queue
         self._host_copy = host_copy
+        self._frozen = frozen
 
     def save(self, state_dict: Any, path: str) -> None:
+        module = state_dict.get("module") if isinstance(state_dict, dict) else None
+        if self._frozen and isinstance(module, dict):
+            # DeepSpeed's exclude_frozen_parameters finds frozen weights with named_parameters(), which
+            # skips tied aliases: a tied lm_head (the whole embedding) would stay in a LoRA checkpoint.
+            state_dict = {**state_dict, "module": {k: v for k, v in module.items() if k not in self._frozen}}
         self._queue.append((self._real, _to_host(state_dict) if self._host_copy else state_dict, path))
 
     def __getattr__(self, name: str) -> Any:

@@ -69,6 +69,23 @@ def test_deferred_writes_queue_the_save_and_pass_everything_else_through():
     assert isinstance(writer, Real) and path == "/x/file.pt" and torch.equal(state["t"], torch.ones(2))
 
 
+def test_deferred_writes_drop_every_frozen_name_tied_aliases_included():
+    """DeepSpeed leaves a tied alias of a frozen weight (lm_head of a frozen embedding) in the module
+    state of a LoRA checkpoint; the stand-in drops every frozen name it is given."""
+    emb, lora = torch.nn.Embedding(8, 4), torch.nn.Linear(4, 2)
+    emb.weight.requires_grad_(False)
+    model = torch.nn.ModuleDict({"embed": emb, "lm_head": torch.nn.Linear(4, 8, bias=False), "lora": lora})
+    model["lm_head"].weight = emb.weight  # tied
+    frozen = frozenset(n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)
+    assert frozen == {"embed.weight", "lm_head.weight"}
+    queue = []
+    state = {"module": model.state_dict(), "other": 1}
+    _DeferredWrites(object(), queue, host_copy=False, frozen=frozen).save(state, "/x/model_states.pt")
+    _, saved, _ = queue[0]
+    assert sorted(saved["module"]) == ["lora.bias", "lora.weight"] and saved["other"] == 1
+    assert "lm_head.weight" in state["module"], "the caller's dict is left as it was"
+
+
 def test_host_copy_keeps_tied_weights_as_one_tensor():
     w = torch.randn(4, 3)
     copy = _to_host({"embed": w.detach(), "lm_head": w.detach(), "row": w[1]})
