@@ -193,6 +193,10 @@ class DeepspeedStrategy:
             raise UserError(f"--lr_scheduler {optim.lr_scheduler}: {e}") from None
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                           config=self.ds_config(train=True))
+        if self.cfg.zero_stage == 0 and self.world_size == 1:
+            # one rank has nothing to reduce, and DeepSpeed's fallback all-reduce would flatten a copy
+            # of every gradient (the whole model's worth of memory) at each step
+            engine.enable_backward_allreduce = False
         return engine
 
     def prepare_frozen(self, model: torch.nn.Module, offload: bool = False) -> "FrozenModel":
