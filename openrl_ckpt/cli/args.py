@@ -74,8 +74,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zero_stage", type=int, default=2)
     bool_flag(g, "--adam_offload", "keep Adam states on the CPU (DeepSpeedCPUAdam)")
     g.add_argument("--grad_accum_dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="with --bf16: the dtype gradients are accumulated in; bf16 saves 2 bytes per parameter, "
-                        "fp32 keeps precision over many micro batches")
+                   help="with --bf16: the dtype gradients are accumulated and reduced in (fp32 keeps precision "
+                        "over many micro batches)")
     g.add_argument("--micro_train_batch_size", type=int, default=8, help="batch size per rank per forward")
     g.add_argument("--train_batch_size", type=int, default=128, help="global batch size per optimizer step")
     g.add_argument("--max_epochs", type=int, default=2)
