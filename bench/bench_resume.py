@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench_sft import REPO
-from compare_peers import OURS, StepReader, keep_only, launch, ours_job
+from compare_peers import OURS, StepReader, keep_only, launch, ours_job, settle
 
 sys.path.insert(0, str(REPO))
 
@@ -79,6 +79,7 @@ def main() -> None:
         launch(ours_job("openrl_ckpt.cli.train_sft", cli, args.ranks, run_dir), stop_after_step=step + 1)
         keep_only(run_dir / "ckpt", step)
         job = ours_job("openrl_ckpt.cli.train_sft", cli, args.ranks, run_dir, resume=True)
+        settle()  # here, so launch()'s own settle is near-instant and both clocks start together
         started = time.perf_counter()
         resumed_at: list[float] = []
 

@@ -51,6 +51,7 @@ SFT_TEMPLATE = "User: {}\nAssistant: "
 OURS, OPENRLHF, TRL = "openrl_ckpt", "OpenRLHF", "TRL"
 OURS_PACKED, OURS_ASYNC = "openrl_ckpt --packing_samples", "openrl_ckpt --async_save"
 OURS_BF16_ACCUM = "openrl_ckpt --grad_accum_dtype bf16"
+FINDINGS = "## Findings"  # RESULTS.md from this heading on is written by hand and kept by reruns
 RESUMED = {OURS: r"resumed from \S+global_step", OPENRLHF: r"Loaded the checkpoint"}
 
 
@@ -567,7 +568,10 @@ def main() -> None:
         if name in raw:
             entry = raw[name] if "results" in raw[name] else {"results": raw[name]}
             lines += table(cases[name], entry["results"], entry.get("measured"))
-    Path(a.results).write_text("\n".join(lines) + "\n")
+    results_path = Path(a.results)
+    old = results_path.read_text() if results_path.exists() else ""
+    findings = old[old.index(FINDINGS):] if FINDINGS in old else ""  # hand-written: kept across reruns
+    results_path.write_text("\n".join(lines) + "\n" + findings)
     print("\n".join(lines))
 
 if __name__ == "__main__":
