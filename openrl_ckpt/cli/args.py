@@ -203,7 +203,7 @@ def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
     if argv is None and distributed:
         # A finished launch (checkpoint committed, model saved, trackers closed) skips interpreter
         # teardown: a torch thread destroyed there aborted one finished run of ~70 in the test suite
-        # ("terminate called without an active exception", exit 250). It also saves a second or two.
+        # ("terminate called without an active exception", exit 250).
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
