@@ -472,9 +472,9 @@ def run_case(case: Case, a: argparse.Namespace, work: Path, primed: set[str]) ->
     return results
 
 
-METRICS = [("tokens_per_s", "tokens/s", "higher"), ("step_s", "s/step", "lower"), ("startup_s", "start-up s", "lower"),
-           ("save_s", "save s (blocked)", "lower"), ("resume_s", "resume: launch to first step s", "lower"),
-           ("ckpt_gb", "checkpoint GB", "lower"), ("peak_gb", "peak RSS GB per rank", "lower")]
+METRICS = [("tokens_per_s", "tokens/s"), ("step_s", "s/step"), ("startup_s", "start-up s"),
+           ("save_s", "save s (blocked)"), ("resume_s", "resume: launch to first step s"),
+           ("ckpt_gb", "checkpoint GB"), ("peak_gb", "peak RSS GB per rank")]
 
 
 def median(values: list[float | None]) -> float | None:
@@ -489,7 +489,7 @@ def table(case: Case, results: dict[str, list[dict]], measured: str | None) -> l
     head = "| metric | " + " | ".join([*tools, *(f"{t} / {peer}" for t in others)]) + " |"
     lines = [f"### {case.title}", "", f"Measured {measured}." if measured else "", "", head,
              "|" + "---|" * (1 + len(tools) + len(others))]
-    for key, label, _ in METRICS:
+    for key, label in METRICS:
         meds = {t: median([r.get(key) for r in results[t]]) for t in tools}
         if all(v is None for v in meds.values()):
             continue
@@ -500,7 +500,7 @@ def table(case: Case, results: dict[str, list[dict]], measured: str | None) -> l
     return lines
 
 
-def ensure_peers(work: Path) -> dict[str, Path]:
+def ensure_peers() -> dict[str, Path]:
     venvs = {"openrlhf": Path(os.environ.get("OPENRLHF_VENV", "/tmp/peers/openrlhf")),
              "trl": Path(os.environ.get("TRL_VENV", "/tmp/peers/trl"))}
     for name, venv in venvs.items():
@@ -537,7 +537,7 @@ def main() -> None:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    venvs = ensure_peers(work)
+    venvs = ensure_peers()
     model = Path(a.model) if a.model else ensure_model(work)
     data = bench_data(work, model, a.max_len)
     cases = {c.name: c for c in build_cases(a, model, data, venvs)}
