@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openrl_ckpt.checkpoint.comm import SingleProcessComm
-from openrl_ckpt.checkpoint.manager import (
+from openrl_ckpt.checkpoint.commit import rotate_checkpoints
+from openrl_ckpt.checkpoint.files import (
     HASH_ALGO,
     MANIFEST,
     STEP_DIR,
     CheckpointError,
-    CheckpointManager,
     check_files,
     committed_steps,
     dir_size,
@@ -248,14 +247,13 @@ def plan_prune(root: Path, max_ckpt_num: int, max_ckpt_mem_gb: float) -> PrunePl
 
 
 def prune(root: Path, max_ckpt_num: int, max_ckpt_mem_gb: float, dry_run: bool = False) -> PrunePlan:
-    """Apply the rotation now, through the manager's own ``rotate`` (un-commit by rename, then delete)."""
+    """Apply the rotation now, through a training run's own rotation (un-commit by rename, then delete)."""
     plan = plan_prune(root, max_ckpt_num, max_ckpt_mem_gb)
     if dry_run or not plan.delete:
         return plan
-    manager = CheckpointManager(str(root), SingleProcessComm(), max_ckpt_num=max_ckpt_num,
-                                max_ckpt_mem_gb=max_ckpt_mem_gb)
     try:
-        done = manager.rotate(keep=max(plan.keep), pinned=frozenset(plan.pinned))
+        done = rotate_checkpoints(root, keep=max(plan.keep), max_num=max_ckpt_num, max_bytes=max_ckpt_mem_gb * 1e9,
+                                  pinned=frozenset(plan.pinned))
     except OSError as e:
         raise UserError(f"{root}: cannot delete a checkpoint ({e.strerror or e})") from None
     return PrunePlan(delete=done, keep=sorted(s for s in plan.keep + plan.delete if s not in done), pinned=plan.pinned,

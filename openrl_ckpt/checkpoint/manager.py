@@ -1,209 +1,52 @@
-"""The checkpoint contract: commit protocol, discovery, verification, fallback, rotation.
+"""CheckpointManager: the checkpoint contract for one process group, every method collective.
 
-Layout under ``ckpt_path``::
-
-    global_step<N>/        a committed checkpoint: engine folders, train_state.json, manifest.json
-    .tmp-global_step<N>/   a save in progress (removed at the next start if a crash left it)
-    latest                 names the newest committed step (a convenience; discovery scans folders)
-
-A folder counts as a checkpoint only once it is named ``global_step<N>`` and holds a manifest,
-and it is only ever named so by an atomic rename after every file and the manifest are fsynced.
-The manager knows files and ranks, not algorithms: engines are written and read by callbacks.
+It stages, writes, verifies and commits ``global_step<N>`` through the shared commit protocol
+(``checkpoint/commit.py``) as a single group whose ranks split the checksums, finds the newest
+checkpoint that verifies (falling back past damaged ones) and rotates old ones. It knows files and
+ranks, not algorithms: what a checkpoint holds arrives as a ``CheckpointContents`` list.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import logging
-import os
-import re
 import shutil
 import socket
-import sys
 import threading
 import time
 import uuid
-import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from openrl_ckpt.checkpoint.comm import Comm
+from openrl_ckpt.checkpoint.commit import (
+    GroupFiles,
+    begin_staging,
+    commit_checkpoint,
+    hash_files,
+    rotate_checkpoints,
+    staging_path,
+)
+from openrl_ckpt.checkpoint.contents import CheckpointContents
 from openrl_ckpt.checkpoint.faults import fault_point
+from openrl_ckpt.checkpoint.files import (
+    DEL_PREFIX,
+    TMP_PREFIX,
+    CheckpointError,
+    check_files,
+    committed_steps,
+    list_files,
+    read_manifest,
+    start_writeback,
+    step_dir_name,
+)
 from openrl_ckpt.checkpoint.state import STATE_FILE, TrainState, capture_rng
 from openrl_ckpt.errors import UserError
 
 log = logging.getLogger("openrl_ckpt")
 
-MANIFEST = "manifest.json"
-LATEST = "latest"
-STEP_DIR = re.compile(r"^global_step(\d+)$")
-TMP_PREFIX = ".tmp-"
-DEL_PREFIX = ".del-"
-HASH_ALGO = "crc32"
-_CHUNK = 8 << 20
-
-
-class CheckpointError(Exception):
-    """A save or load that failed for a reason outside the user's flags (I/O, damage)."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"global_step{step}"
-
-
-def _libc_sync_file_range() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2  # start writing the dirty pages back; do not wait
-
-
-def start_writeback(path: str | os.PathLike[str]) -> None:
-    """Ask the kernel to start writing ``path`` to disk now, so the fsync that commits it later finds
-    most of it written (the disk works while we serialize and checksum). Advisory: a no-op off Linux
-    or on any error; durability still comes from the fsync."""
-    if _SYNC_FILE_RANGE is None:
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-    finally:
-        os.close(fd)
-
-
-def file_checksum(path: Path) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-        os.fsync(f.fileno())  # flushes this file's dirty pages too (Linux allows it on a read fd)
-    return f"{crc:08x}"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see either the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def list_files(root: Path) -> list[str]:
-    """Every regular file below root, as sorted relative posix paths (the manifest itself excluded)."""
-    out = []
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            rel = (Path(dirpath) / name).relative_to(root).as_posix()
-            if rel != MANIFEST:
-                out.append(rel)
-    return sorted(out)
-
-
-def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
-    """The manifest, or CheckpointError saying why it can't be used."""
-    try:
-        manifest = json.loads((ckpt_dir / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_dir}: no {MANIFEST}") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt_dir}/{MANIFEST}: unreadable ({e})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{ckpt_dir}/{MANIFEST}: not a manifest")
-    return manifest
-
-
-def check_files(ckpt_dir: Path, files: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
-    """Problems found in ``names`` (a subset of the manifest's files): missing, size, checksum."""
-    problems = []
-    for name in names:
-        want = files[name]
-        path = ckpt_dir / name
-        try:
-            size = path.stat().st_size
-        except OSError:
-            problems.append(f"{name}: missing")
-            continue
-        if size != want["size"]:
-            problems.append(f"{name}: size {size} != {want['size']}")
-        elif file_checksum(path) != want[HASH_ALGO]:
-            problems.append(f"{name}: {HASH_ALGO} mismatch")
-    return problems
-
-
-def dir_size(path: Path) -> int:
-    total = 0
-    for dirpath, _, names in os.walk(path):
-        for name in names:
-            try:
-                total += (Path(dirpath) / name).stat().st_size
-            except OSError:
-                pass
-    return total
-
-
-def committed_steps(root: Path) -> list[int]:
-    """Steps of committed folders (named global_step<N> and holding a manifest), newest first.
-
-    Needs no process group: the `ckpt` tool reads checkpoint folders with it too.
-    """
-    if not root.is_dir():
-        return []
-    steps = []
-    for child in root.iterdir():
-        m = STEP_DIR.match(child.name)
-        if m and child.is_dir() and (child / MANIFEST).exists():
-            steps.append(int(m.group(1)))
-    return sorted(steps, reverse=True)
-
-
-def plan_rotation(
-    committed: list[tuple[int, int]], keep: int, max_num: int, max_bytes: float, pinned: frozenset[int] = frozenset()
-) -> list[int]:
-    """Steps to delete, oldest first, until at most ``max_num`` remain within ``max_bytes``.
-
-    ``committed`` is (step, size in bytes) for every committed checkpoint. The checkpoint
-    just written (``keep``) and pinned ones are never deleted, so at least one always remains.
-    """
-    alive = sorted(committed)
-    doomed: list[int] = []
-    for step, size in alive:
-        count = len(alive) - len(doomed)
-        total = sum(s for st, s in alive if st not in doomed)
-        if count <= max_num and total <= max_bytes:
-            break
-        if step == keep or step in pinned:
-            continue
-        doomed.append(step)
-    return doomed
-
-
-# stage(tmp) writes the engine files into tmp, or captures them and returns the flush that writes them
-Stage = Callable[[Path], "Callable[[], None] | None"]
+SINGLE_GROUP = "all ranks"  # the one group of a single-process-group run, in its commit report
 
 
 @dataclass(frozen=True)
@@ -245,6 +88,7 @@ class CheckpointManager:
         # The same ranks over a group of their own, for the collectives of background saves.
         self.background_comm = background_comm
         self._pending: _Pending | None = None
+        self._staging: int | None = None  # the step whose staging folder ``begin`` created
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -337,43 +181,50 @@ class CheckpointManager:
         return None
 
     # ------------------------------------------------------------------ save
+    def begin(self, step: int) -> Path:
+        """Wait for a background save in flight (one save at a time), then create the staging folder of
+        ``step`` (collective). Staging that writes some files there itself (DeepSpeed's ``save_checkpoint``)
+        calls this first; ``save`` begins by itself otherwise."""
+        self.wait()
+        tmp = staging_path(self.root, step)
+        self._leader_fs(self.comm, lambda: begin_staging(self.root, step), tmp, "create")
+        self._staging = step
+        return tmp
+
+    def abort(self, step: int) -> None:
+        """Staging failed before ``save``: remove the staging folder (collective)."""
+        if self.is_leader:
+            shutil.rmtree(staging_path(self.root, step), ignore_errors=True)
+        self._staging = None
+
     def save(
         self,
         state: TrainState,
-        stage: Stage,
+        contents: CheckpointContents,
         meta: dict[str, Any],
         pinned: frozenset[int] = frozenset(),
         *,
         background: bool = False,
     ) -> Path:
-        """Write, verify and commit ``global_step<state.global_step>``; then rotate.
+        """Write ``contents``, verify and commit ``global_step<state.global_step>``; then rotate.
 
-        ``stage(tmp)`` runs collectively on the calling thread and either writes the engine files
-        itself or returns a ``flush`` that writes what it captured. With ``background=True`` the
-        flush, checksums, manifest, commit and rotation run in a thread (over ``background_comm``)
-        and this returns once the state is staged; ``wait()`` joins it. Any crash before the rename
-        leaves only a ``.tmp-`` folder; the previous committed checkpoint is never touched until the
-        new one is committed.
+        With ``background=True`` the writes, checksums, manifest, commit and rotation run in a thread
+        (over ``background_comm``) and this returns once the state is captured; ``wait()`` joins it.
+        Any crash before the rename leaves only a ``.tmp-`` folder; the previous committed checkpoint
+        is never touched until the new one is committed.
         """
-        self.wait()  # one save at a time: a running background save commits (or fails) first
         if background and self.background_comm is None:
             raise ValueError("a background save needs a background_comm")
         step = state.global_step
-        final = self.root / step_dir_name(step)
-        tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
+        if self._staging != step:
+            self.begin(step)
+        self._staging = None
+        tmp, final = staging_path(self.root, step), self.root / step_dir_name(step)
         started = time.perf_counter()
-
-        self._leader_fs(self.comm, lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir()), tmp, "create")
-        try:
-            flush = stage(tmp)
-        except BaseException:
-            if self.is_leader:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
         # Every rank's RNG goes into the one JSON state file, captured now (training moves on).
         state.rng = self.comm.all_gather_object(capture_rng())
         state.world_size = self.comm.world_size
-        job = partial(self._write_and_commit, step=step, tmp=tmp, final=final, flush=flush,
+        job = partial(self._write_and_commit, step=step, tmp=tmp, final=final, contents=contents,
                       state_json=state.to_json(), meta=meta, pinned=pinned, started=started)
         if not background:
             return job(self.comm)
@@ -416,18 +267,15 @@ class CheckpointManager:
         p = self._pending
         return p is not None and p.thread is not None and not p.thread.is_alive() and p.error is not None
 
-    def _write_and_commit(self, comm: Comm, *, step: int, tmp: Path, final: Path, flush: Callable[[], None] | None,
+    def _write_and_commit(self, comm: Comm, *, step: int, tmp: Path, final: Path, contents: CheckpointContents,
                           state_json: str, meta: dict[str, Any], pinned: frozenset[int], started: float) -> Path:
-        # Engine files and the train state. An I/O error on any rank is gathered, so all ranks fail the
-        # save together instead of hanging, and the message names the path that failed.
+        # The staged files. An I/O error on any rank is gathered, so all ranks fail the save together
+        # instead of hanging, and the message names the path that failed.
         err = None
         try:
             fault_point("write", step)
-            if flush is not None:
-                flush()
+            contents.write_into(tmp)
             fault_point("after_engines", step)
-            if self.is_leader:
-                write_atomic(tmp / STATE_FILE, state_json)
         except OSError as e:
             err = f"checkpoint save failed: cannot write {e.filename or tmp} ({e.strerror or e})"
         self._fail_together(comm, err, tmp)
@@ -439,44 +287,21 @@ class CheckpointManager:
             mine = self._my_share(sizes)
             for n in mine:  # the disk writes them while we checksum
                 start_writeback(tmp / n)
-            sums = {n: {"size": sizes[n], HASH_ALGO: file_checksum(tmp / n)} for n in mine}
+            sums = hash_files(tmp, mine)
             fault_point("before_commit", step)
         except OSError as e:
             err = f"checkpoint save failed: cannot checksum {tmp} ({e.strerror or e})"
         parts = comm.all_gather_object((err, sums))
         self._fail_together(comm, next((e for e, _ in parts if e), None), tmp, gathered=True)
-        files: dict[str, Any] = {}
-        for r in self._group:
-            files.update(parts[r][1])
-        manifest = {
-            "format": 1,
-            "step": step,
-            "hash": HASH_ALGO,
-            "created_unix": time.time(),
-            "total_bytes": sum(f["size"] for f in files.values()),
-            "files": dict(sorted(files.items())),
-            "meta": meta,
-        }
-
-        def commit() -> None:
-            write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            for dirpath, _, _ in os.walk(tmp):
-                fsync_dir(Path(dirpath))
-            # A step saved again (a rerun that fell back past a damaged copy of it): move the old copy
-            # aside, commit the new one, then delete; a crash in between leaves one of them in place.
-            old = self.root / f"{DEL_PREFIX}{final.name}"
-            if final.exists():
-                os.rename(final, old)
-            os.rename(tmp, final)
-            fsync_dir(self.root)
-            write_atomic(self.root / LATEST, step_dir_name(step) + "\n")
-            shutil.rmtree(old, ignore_errors=True)
-
-        self._leader_fs(comm, commit, tmp, "commit")
+        # One group reports the files of its storage; its leader commits them with the train state.
+        report = GroupFiles(group=SINGLE_GROUP, files={n: f for r in self._group for n, f in parts[r][1].items()})
+        total_bytes = sum(f["size"] for f in report.files.values()) + len(state_json.encode())
+        self._leader_fs(comm, lambda: commit_checkpoint(self.root, step, [report], {SINGLE_GROUP}, state_json, meta),
+                        tmp, "commit")
         fault_point("after_commit", step)
         self.rotate(keep=step, pinned=pinned, comm=comm)
         if comm.rank == 0:
-            log.info("saved checkpoint %s (%.2f GB, %.2fs%s)", final, manifest["total_bytes"] / 1e9,
+            log.info("saved checkpoint %s (%.2f GB, %.2fs%s)", final, total_bytes / 1e9,
                      time.perf_counter() - started, "" if comm is self.comm else ", written in the background")
         return final
 
@@ -497,39 +322,14 @@ class CheckpointManager:
                 fn()
             except OSError as e:
                 err = f"checkpoint save failed: cannot {what} in {tmp} ({e.strerror or e})"
+            except CheckpointError as e:
+                err = str(e)
         self._fail_together(comm, err, tmp)
 
     # ------------------------------------------------------------------ rotation
     def rotate(self, keep: int, pinned: frozenset[int] = frozenset(), comm: Comm | None = None) -> list[int]:
-        """Delete the oldest committed checkpoints beyond --max_ckpt_num / --max_ckpt_mem.
-
-        A deletion that fails (permissions) is a warning: the new checkpoint is committed already.
-        """
-        doomed: list[int] = []
-        if self.is_leader:
-            committed = [(s, self._size(s)) for s in self.committed_steps()]
-            doomed = plan_rotation(committed, keep, self.max_ckpt_num, self.max_bytes, pinned)
-            for s in doomed:
-                path = self.root / step_dir_name(s)
-                # Un-commit by rename first: a crash mid-delete never leaves a half folder that looks committed.
-                trash = self.root / f"{DEL_PREFIX}{path.name}"
-                try:
-                    os.rename(path, trash)
-                except OSError as e:
-                    log.warning("cannot rotate out checkpoint %s (%s); it stays", path, e.strerror or e)
-                    continue
-                shutil.rmtree(trash, ignore_errors=True)
-                log.info("rotated out checkpoint %s", path)
-            total = sum(size for s, size in committed if s not in doomed)
-            if total > self.max_bytes:
-                log.warning("checkpoints in %s take %.2f GB, above --max_ckpt_mem %.2f GB, but the newest "
-                            "is always kept", self.root, total / 1e9, self.max_bytes / 1e9)
+        """Delete the oldest committed checkpoints beyond --max_ckpt_num / --max_ckpt_mem (the leaders
+        of each storage), never ``keep`` or ``pinned``; returns the deleted steps."""
+        doomed = rotate_checkpoints(self.root, keep, self.max_ckpt_num, self.max_bytes, pinned) if self.is_leader else []
         (comm or self.comm).barrier()
         return doomed
-
-    def _size(self, step: int) -> int:
-        path = self.root / step_dir_name(step)
-        try:
-            return int(read_manifest(path).get("total_bytes") or dir_size(path))
-        except CheckpointError:
-            return dir_size(path)

@@ -15,7 +15,7 @@ import shutil
 from argparse import Namespace
 from pathlib import Path
 
-from openrl_ckpt.checkpoint.manager import fsync_dir, write_atomic
+from openrl_ckpt.utils.atomic import fsync_dir, fsync_tree, write_file_atomic
 
 LATEST_UNIVERSAL = "latest_universal"  # the tag DeepSpeed loads when load_checkpoint gets none
 
@@ -54,16 +54,9 @@ def convert_to_universal(checkpoint_dir: Path, tag: str, output_dir: Path) -> No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for dirpath, _, names in os.walk(tmp):
-        for name in names:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(output_dir)
-    write_atomic(output_dir / LATEST_UNIVERSAL, tag)  # the converter wrote the temp name there
+    write_file_atomic(output_dir / LATEST_UNIVERSAL, tag)  # the converter wrote the temp name there

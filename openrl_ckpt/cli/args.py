@@ -8,13 +8,15 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
+from openrl_ckpt.checkpoint.config import BestMode, CheckpointConfig, SaveErrorPolicy
 from openrl_ckpt.errors import UserError
 
 if TYPE_CHECKING:
     from openrl_ckpt.data.preference_dataset import PreferenceConfig
     from openrl_ckpt.models.actor import ModelConfig
     from openrl_ckpt.strategy.deepspeed import OptimConfig, StrategyConfig
-    from openrl_ckpt.trainers.base import LoopConfig, TrackerConfig
+    from openrl_ckpt.trainers.base import LoopConfig
+    from openrl_ckpt.trainers.progress import TrackerConfig
 
 log = logging.getLogger("openrl_ckpt")
 
@@ -102,7 +104,7 @@ def add_ckpt_args(p: argparse.ArgumentParser, default_ckpt: str) -> None:
     g.add_argument("--save_interval_mins", type=float, default=0.0,
                    help="also save when this many minutes passed since the last save (rank 0's clock); 0: off")
     bool_flag(g, "--async_save", "copy the checkpoint to host memory, then write and commit it in the background")
-    g.add_argument("--ckpt_on_error", choices=["stop", "continue"], default="stop",
+    g.add_argument("--ckpt_on_error", choices=[p.value for p in SaveErrorPolicy], default=SaveErrorPolicy.STOP.value,
                    help="a save that fails (disk full, permissions): stop the run with an error, or keep "
                    "training and try again at the next save")
     bool_flag(g, "--save_hf_ckpt", "also write a Hugging Face copy of the model into each checkpoint (hf/<engine>/); "
@@ -111,7 +113,8 @@ def add_ckpt_args(p: argparse.ArgumentParser, default_ckpt: str) -> None:
               "cannot resume from them")
     g.add_argument("--save_best_metric", default=None, help="an evaluation metric (e.g. eval_loss): the best "
                    "checkpoint is kept out of rotation (needs --eval_dataset and --eval_steps)")
-    g.add_argument("--save_best_mode", choices=["min", "max"], default="min", help="whether lower or higher is better")
+    g.add_argument("--save_best_mode", choices=[m.value for m in BestMode], default=BestMode.MIN.value,
+                   help="whether lower or higher is better")
 
 
 def add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -157,19 +160,24 @@ def loop_config(args: argparse.Namespace, algorithm: str) -> "LoopConfig":
     """The shared loop's settings from the shared flags: every CLI gets new loop flags from here."""
     from openrl_ckpt.trainers.base import LoopConfig
 
+    return LoopConfig(algorithm=algorithm, max_epochs=args.max_epochs, seed=args.seed,
+                      checkpoint=checkpoint_config(args), logging_steps=args.logging_steps,
+                      eval_steps=args.eval_steps)
+
+
+def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
     if args.save_interval_mins < 0:
         raise UserError(f"--save_interval_mins must be positive (or 0 for off), got {args.save_interval_mins}")
-    return LoopConfig(algorithm=algorithm, max_epochs=args.max_epochs, seed=args.seed, ckpt_path=args.ckpt_path,
-                      logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
-                      load_checkpoint=args.load_checkpoint, max_ckpt_num=args.max_ckpt_num,
-                      max_ckpt_mem=args.max_ckpt_mem, save_interval_mins=args.save_interval_mins,
-                      async_save=args.async_save, ckpt_on_error=args.ckpt_on_error, save_hf_ckpt=args.save_hf_ckpt,
-                      disable_ds_ckpt=args.disable_ds_ckpt, save_best_metric=args.save_best_metric,
-                      save_best_mode=args.save_best_mode)
+    return CheckpointConfig(ckpt_path=args.ckpt_path, save_steps=args.save_steps, load_checkpoint=args.load_checkpoint,
+                            max_ckpt_num=args.max_ckpt_num, max_ckpt_mem=args.max_ckpt_mem,
+                            save_interval_mins=args.save_interval_mins, async_save=args.async_save,
+                            ckpt_on_error=SaveErrorPolicy(args.ckpt_on_error), save_hf_ckpt=args.save_hf_ckpt,
+                            disable_ds_ckpt=args.disable_ds_ckpt, save_best_metric=args.save_best_metric,
+                            save_best_mode=BestMode(args.save_best_mode))
 
 
 def tracker_config(args: argparse.Namespace) -> "TrackerConfig":
-    from openrl_ckpt.trainers.base import TrackerConfig
+    from openrl_ckpt.trainers.progress import TrackerConfig
 
     return TrackerConfig(use_wandb=args.use_wandb, wandb_project=args.wandb_project,
                          wandb_run_name=args.wandb_run_name, wandb_group=args.wandb_group, wandb_org=args.wandb_org,

@@ -212,9 +212,9 @@ def _pick_engine(path: Path, tag: str | None) -> str:
 def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge_lora: bool, base: str | None) -> None:
     """One engine of a verified checkpoint as a Hugging Face folder (a PEFT adapter for a LoRA run,
     or merged into its base with ``merge_lora``), written to a temp folder and renamed to ``output``."""
-    from openrl_ckpt.checkpoint.manager import read_manifest
+    from openrl_ckpt.checkpoint.files import read_manifest
     from openrl_ckpt.models import export as M
-    from openrl_ckpt.strategy.export import DTYPES, dtype_name, read_engine_weights
+    from openrl_ckpt.strategy.hf import DTYPES, dtype_name, read_engine_weights
 
     M.check_new_output(output)
     M.quiet_progress_bars()

@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from openrl_ckpt.models.export import atomic_output, merge_lora, quiet_progress_bars
-    from openrl_ckpt.strategy.export import DTYPES
+    from openrl_ckpt.strategy.hf import DTYPES
 
     quiet_progress_bars()
 

@@ -18,6 +18,7 @@ from openrl_ckpt.data.templates import apply_tokenizer_chat_template, check_inpu
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
+from openrl_ckpt.strategy.hf import save_model
 from openrl_ckpt.trainers.base import Trainer
 from openrl_ckpt.trainers.common import load_frozen
 from openrl_ckpt.trainers.kto import KTOAlgorithm
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.fit()
 
     # 5. export
-    strategy.save_model(engine, tokenizer, args.save_path)
+    save_model(strategy, engine, tokenizer, args.save_path)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_finge
 from openrl_ckpt.models.reward import load_reward_model
 from openrl_ckpt.models.tokenizers import tokenizer_difference
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
+from openrl_ckpt.strategy.hf import save_model
 from openrl_ckpt.trainers.common import load_frozen, reference_identity
 from openrl_ckpt.trainers.ppo.control import AdaptiveKLController, FixedKLController, RunningMoments
-from openrl_ckpt.trainers.ppo.experience import ESTIMATORS, ExperienceMaker, PPOConfig, RewardScorer
+from openrl_ckpt.trainers.ppo.experience import AdvantageEstimator, ExperienceMaker, PPOConfig, RewardScorer
 from openrl_ckpt.trainers.ppo.ema import EmaWeights
 from openrl_ckpt.trainers.ppo.ptx import PtxFeed
 from openrl_ckpt.trainers.ppo.trainer import PPOTrainer
@@ -80,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
     g.add_argument("--value_clip", type=float, default=0.2, help="clip range of the value loss; <= 0: unclipped")
     A.bool_flag(g, "--normalize_reward", "normalise scores with their running mean and std")
     g.add_argument("--reward_clip_range", type=float, nargs=2, default=(-10.0, 10.0))
-    g.add_argument("--advantage_estimator", choices=ESTIMATORS, default="gae")
+    g.add_argument("--advantage_estimator", choices=[e.value for e in AdvantageEstimator],
+                   default=AdvantageEstimator.GAE.value)
     g.add_argument("--freezing_actor_steps", type=int, default=-1, help="train only the critic for this many steps")
     g.add_argument("--ptx_coef", type=float, default=0.0, help="weight of an SFT loss on --pretrain_data in the "
                    "actor's loss")
@@ -115,7 +117,7 @@ def check_args(args: A.argparse.Namespace) -> None:
                         ("--generate_max_len", args.generate_max_len), ("--prompt_max_len", args.prompt_max_len)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    if args.advantage_estimator in ("rloo", "group_norm") and args.n_samples_per_prompt < 2:
+    if AdvantageEstimator(args.advantage_estimator).compares_samples and args.n_samples_per_prompt < 2:
         raise UserError(f"--advantage_estimator {args.advantage_estimator} compares the samples of each prompt: "
                         f"it needs --n_samples_per_prompt of at least 2, got {args.n_samples_per_prompt}")
     if args.init_kl_coef < 0:
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.pretrain, padding_side="left")
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     difference = tokenizer_difference(tokenizer, load_tokenizer(critic_path))
-    if difference and args.advantage_estimator == "gae":
+    estimator = AdvantageEstimator(args.advantage_estimator)
+    if difference and estimator.trains_critic:
         raise UserError(f"--critic_pretrain {critic_path}: its tokenizer differs from --pretrain's ({difference}); "
                         "the critic reads the actor's tokens, so both must share one")
     reward_tokenizers = []
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer_steps = updates * samples // args.train_batch_size * args.max_epochs
     actor = strategy.prepare(actor_model, A.optim_config(args, args.actor_learning_rate), optimizer_steps)
     critic = None
-    if args.advantage_estimator == "gae":
+    if estimator.trains_critic:
         critic_model = load_reward_model(A.model_config(args, pretrain=critic_path), args.value_head_prefix,
                                          require_head=True)
         critic = strategy.prepare(critic_model, A.optim_config(args, args.critic_learning_rate), optimizer_steps)
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                     kl_estimator=args.kl_estimator, gamma=args.gamma, lambd=args.lambd, eps_clip=args.eps_clip,
                     value_clip=args.value_clip if args.value_clip > 0 else None,
                     normalize_reward=args.normalize_reward, reward_clip_range=tuple(args.reward_clip_range),
-                    advantage_estimator=args.advantage_estimator, freezing_actor_steps=args.freezing_actor_steps,
+                    advantage_estimator=estimator, freezing_actor_steps=args.freezing_actor_steps,
                     seed=args.seed)
     maker = ExperienceMaker(strategy, actor, critic, ref, RewardScorer(reward_models, strategy.device, tokenizer),
                             ppo, kl_ctl, RunningMoments(), eos_token_id=tokenizer.eos_token_id,
@@ -265,9 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     # 5. export (with --enable_ema the actor's averaged weights)
     if trainer.ema is not None:
         trainer.ema.copy_to(actor.module)
-    strategy.save_model(actor, tokenizer, args.save_path)
+    save_model(strategy, actor, tokenizer, args.save_path)
     if args.save_value_network and critic is not None:
-        strategy.save_model(critic, tokenizer, args.save_path.rstrip("/") + "_critic")
+        save_model(strategy, critic, tokenizer, args.save_path.rstrip("/") + "_critic")
 
 
 if __name__ == "__main__":

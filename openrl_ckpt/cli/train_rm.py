@@ -20,6 +20,7 @@ from openrl_ckpt.models.actor import load_tokenizer, model_fingerprint
 from openrl_ckpt.models.loss import pairwise_logexp_loss, pairwise_sigmoid_loss
 from openrl_ckpt.models.reward import load_reward_model, set_reward_normalization
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
+from openrl_ckpt.strategy.hf import save_model
 from openrl_ckpt.trainers.base import Trainer
 from openrl_ckpt.trainers.rm import RewardModelAlgorithm
 from openrl_ckpt.utils.tracking import setup_logging
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         set_reward_normalization(engine.module, mean, std)
         log.info("--normalize_reward: reward mean %.4g, std %.4g on %s, stored in the model config", mean, std,
                  args.eval_dataset)
-    strategy.save_model(engine, tokenizer, args.save_path)
+    save_model(strategy, engine, tokenizer, args.save_path)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from openrl_ckpt.data.sft_dataset import build_sft_dataset
 from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, check_input_template
 from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
+from openrl_ckpt.strategy.hf import save_model
 from openrl_ckpt.trainers.base import Trainer
 from openrl_ckpt.trainers.sft import SFTAlgorithm
 from openrl_ckpt.utils.tracking import setup_logging
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.fit()
 
     # 6. export
-    strategy.save_model(engine, tokenizer, args.save_path)
+    save_model(strategy, engine, tokenizer, args.save_path)
 
 
 if __name__ == "__main__":

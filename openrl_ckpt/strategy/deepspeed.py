@@ -1,17 +1,17 @@
-"""DeepspeedStrategy: the one place that talks to DeepSpeed and torch.distributed."""
+"""DeepspeedStrategy: process group, DeepSpeed engines, the optimizer step and collectives.
+
+Everything that talks to DeepSpeed and torch.distributed lives in this package: engine set-up here,
+engine checkpoint I/O in ``engine_checkpoint.py``, Hugging Face writing and reading in ``hf.py``.
+"""
 
 from __future__ import annotations
 
-import copy
-import errno
+import enum
 import logging
 import math
 import os
-import shutil
 import socket
 import subprocess
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,15 +20,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from openrl_ckpt.checkpoint.comm import TorchDistComm
-from openrl_ckpt.checkpoint.inspect import HF_DIR
-from openrl_ckpt.checkpoint.manager import (TMP_PREFIX, CheckpointError, CheckpointManager, Resumed, Stage,
-                                             start_writeback)
-from openrl_ckpt.checkpoint.state import restore_rng, seed_everything
-from openrl_ckpt.checkpoint.universal import convert_to_universal, needs_universal
+from openrl_ckpt.checkpoint.state import seed_everything
 from openrl_ckpt.errors import UserError
 
 log = logging.getLogger("openrl_ckpt")
+
+
+class ReduceOp(str, enum.Enum):
+    MEAN = "mean"
+    SUM = "sum"
+    MAX = "max"
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,15 @@ class DeepspeedStrategy:
     @property
     def is_rank_0(self) -> bool:
         return self.rank == 0
+
+    @property
+    def zero_stage(self) -> int:
+        return self.cfg.zero_stage
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step, all ranks together (--train_batch_size)."""
+        return self.cfg.train_batch_size
 
     @property
     def device(self) -> torch.device:
@@ -255,212 +265,19 @@ class DeepspeedStrategy:
                           num_workers=0, drop_last=False, generator=torch.Generator())
 
     # ------------------------------------------------------------------ collectives
-    def all_reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
+    def all_reduce(self, values: dict[str, float], op: ReduceOp = ReduceOp.MEAN) -> dict[str, float]:
         if not values:
             return {}
         # on the device: NCCL reduces only CUDA tensors (gloo takes the CPU ones)
         t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-            if op == "mean":
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == ReduceOp.MAX else dist.ReduceOp.SUM)
+            if op == ReduceOp.MEAN:
                 t /= self.world_size
         return dict(zip(values, t.tolist()))
 
     def barrier(self) -> None:
         dist.barrier()
-
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint_manager(self, ckpt_path: str, max_ckpt_num: int, max_ckpt_mem_gb: float,
-                           background: bool = False) -> CheckpointManager:
-        """``background``: give the manager a process group of its own for background saves."""
-        manager = CheckpointManager(ckpt_path, TorchDistComm(), max_ckpt_num=max_ckpt_num,
-                                    max_ckpt_mem_gb=max_ckpt_mem_gb,
-                                    background_comm=TorchDistComm(private=True) if background else None)
-        manager.prepare()
-        return manager
-
-    def save_engines(self, engines: dict[str, Any], host_copy: bool = False) -> Stage:
-        """The manager's ``stage``: each engine's ``save_checkpoint`` with its file writes held back and
-        returned as one ``flush``, so the manager gathers a failed write from every rank and names the
-        file. ``host_copy`` copies the state to host memory first (the only part that blocks training
-        under --async_save); without it the flush must run before the next optimizer step."""
-        def stage(tmp: Path) -> Callable[[], None]:
-            writes: list[tuple[Any, Any, str]] = []
-            for name, engine in engines.items():
-                # every name of a frozen weight, tied aliases included (an lm_head tied to a frozen embedding)
-                frozen = frozenset(n for n, p in engine.module.named_parameters(remove_duplicate=False)
-                                   if not p.requires_grad)
-                exclude_frozen = bool(frozen)
-                real = engine.checkpoint_engine
-                engine.checkpoint_engine = _DeferredWrites(real, writes, host_copy, frozen)
-                try:
-                    engine.save_checkpoint(str(tmp), tag=name, client_state={}, save_latest=False,
-                                           exclude_frozen_parameters=exclude_frozen)
-                finally:
-                    engine.checkpoint_engine = real
-            if host_copy and torch.cuda.is_available():
-                torch.cuda.synchronize()  # the device-to-host copies are complete before training moves on
-
-            def flush() -> None:
-                while writes:
-                    writer, state, path = writes.pop(0)  # popped: each host copy is freed once written
-                    try:
-                        writer.save(state, path)
-                    except RuntimeError as e:  # torch's file writer reports a failed write this way
-                        raise OSError(errno.EIO, str(e).strip().splitlines()[0][:200], path) from e
-                    start_writeback(path)  # on disk while the next file is serialized
-            return flush
-        return stage
-
-    def load_engines(self, resumed: Resumed, engines: dict[str, Any]) -> None:
-        """Load model, optimizer and scheduler of each engine, then this rank's RNG.
-
-        A checkpoint saved on another world size or ZeRO stage is converted to DeepSpeed's universal
-        format first (by rank 0, into a temp folder beside it that is removed after loading); the
-        committed checkpoint itself is never modified.
-        """
-        saved = resumed.state
-        elastic = saved.world_size != self.world_size or saved.zero_stage not in (None, self.cfg.zero_stage)
-        universal = None
-        if elastic and any(needs_universal(resumed.path / name) for name in engines):
-            universal = resumed.path.parent / f"{TMP_PREFIX}universal-{resumed.path.name}"
-            if self.is_rank_0:
-                log.info("%s was saved on %d rank(s) with ZeRO-%s and this run has %d with ZeRO-%d: converting it "
-                         "to DeepSpeed's universal checkpoint format in %s", resumed.path, saved.world_size,
-                         saved.zero_stage, self.world_size, self.cfg.zero_stage, universal)
-                if self.cfg.zero_stage == 3:
-                    log.warning("ZeRO-3 on another world size: DeepSpeed's universal load continues the run "
-                                "but not bit for bit (a few 1e-5 in the weights after a few steps on a tiny "
-                                "model); ZeRO-1/2 and ZeRO-0 continue exactly up to summation order")
-            err = None
-            if self.is_rank_0:
-                started = time.perf_counter()
-                try:
-                    for name in engines:
-                        convert_to_universal(resumed.path, name, universal)
-                    log.info("converted %s to the universal format in %.1fs", resumed.path,
-                             time.perf_counter() - started)
-                except (OSError, ValueError, RuntimeError, AssertionError) as e:
-                    err = f"cannot convert {resumed.path} to the universal format: {e}"
-            err = TorchDistComm().broadcast_object(err)
-            if err:
-                raise CheckpointError(err)
-        for name, engine in engines.items():
-            frozen = any(not p.requires_grad for p in engine.module.parameters())
-            engine._config.load_universal_checkpoint = universal is not None
-            try:
-                path, _ = engine.load_checkpoint(str(universal or resumed.path), tag=name,
-                                                 load_optimizer_states=True, load_lr_scheduler_states=True,
-                                                 load_module_strict=not frozen)
-            finally:
-                engine._config.load_universal_checkpoint = False
-            if path is None:
-                raise CheckpointError(f"DeepSpeed could not load {resumed.path}/{name}")
-        if universal is not None:
-            self.barrier()
-            if self.is_rank_0:
-                shutil.rmtree(universal, ignore_errors=True)
-        if saved.world_size == self.world_size and len(saved.rng) == self.world_size:
-            restore_rng(saved.rng[self.rank])
-        else:
-            seed_everything(self.cfg.seed + resumed.step)
-
-    # ------------------------------------------------------------------ export
-    def full_state_dict(self, engine_or_model: Any) -> dict[str, torch.Tensor] | None:
-        """On rank 0, the weights a Hugging Face folder of this model holds; None on other ranks.
-
-        Gathered under ZeRO-3 one parameter at a time. A PEFT model gives its trainable (adapter)
-        weights only: that is all its folder holds, and the frozen base is never gathered.
-        """
-        model = getattr(engine_or_model, "module", engine_or_model)
-        adapter_only = _is_peft(model)
-        if self.cfg.zero_stage != 3:
-            if not self.is_rank_0:
-                return None
-            if adapter_only:
-                return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        import deepspeed
-
-        out: dict[str, torch.Tensor] = {}
-        for name, param in model.named_parameters():
-            if adapter_only and not param.requires_grad:
-                continue
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if self.is_rank_0:
-                    out[name] = param.detach().cpu().clone()
-        if self.is_rank_0 and not adapter_only:
-            persistent = set(model.state_dict())  # non-persistent buffers (rotary tables) are not saved
-            for name, buf in model.named_buffers():
-                if name in persistent:
-                    out[name] = buf.detach().cpu().clone()
-        return out if self.is_rank_0 else None
-
-    def write_hf(self, engine_or_model: Any, tokenizer: Any, folder: Path,
-                 state_dict: dict[str, torch.Tensor] | None) -> None:
-        """Rank 0 only: a Hugging Face folder (a PEFT adapter folder for a LoRA model) with config and
-        tokenizer; without ``state_dict``, everything but the weights."""
-        model = getattr(engine_or_model, "module", engine_or_model)
-        folder.mkdir(parents=True, exist_ok=True)
-        weights = state_dict is not None
-        if state_dict is None:  # PEFT looks up its trainable names (a head in modules_to_save): give it empty ones
-            state_dict = {k: torch.empty(0) for k, p in model.named_parameters() if p.requires_grad} if _is_peft(
-                model) else {}
-        try:
-            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        except (RuntimeError, ValueError) as e:  # how safetensors reports a failed write
-            raise OSError(errno.EIO, str(e).strip().splitlines()[0][:200], str(folder)) from e
-        if not weights:
-            for f in folder.glob("*.safetensors"):
-                f.unlink()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-
-    def with_hf_files(self, stage: Callable[[Path], Callable[[], None] | None], engines: dict[str, Any],
-                      tokenizer: Any, weights: bool) -> Callable[[Path], Callable[[], None]]:
-        """``stage`` plus, for each engine, its Hugging Face folder under ``hf/<name>/`` in the checkpoint:
-        config, tokenizer (and adapter config) always, so an export needs nothing outside the checkpoint;
-        the weights too when ``weights`` (--save_hf_ckpt). Weights are gathered now (collective); rank 0
-        writes the files in the flush, where the manager gathers a failed write from every rank."""
-        def staged(tmp: Path) -> Callable[[], None]:
-            engine_flush = stage(tmp)
-            weights_of = {name: self.full_state_dict(e) if weights else None for name, e in engines.items()}
-
-            def flush() -> None:
-                if engine_flush is not None:
-                    engine_flush()
-                if self.is_rank_0:
-                    for name, engine in engines.items():
-                        self.write_hf(engine, tokenizer, tmp / HF_DIR / name, weights_of.pop(name))
-            return flush
-        return staged
-
-    def save_model(self, engine_or_model: Any, tokenizer: Any, save_path: str) -> None:
-        """A Hugging Face folder (safetensors, config, tokenizer; a PEFT adapter folder for a LoRA model),
-        swapped in atomically."""
-        state_dict = self.full_state_dict(engine_or_model)
-        if self.is_rank_0:
-            target = Path(save_path)
-            tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-            try:
-                self.write_hf(engine_or_model, tokenizer, tmp, state_dict)
-                old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-                if target.exists():
-                    os.rename(target, old)
-                os.rename(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            except OSError as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise UserError(f"--save_path {save_path}: cannot write the model ({e.strerror or e})") from None
-            log.info("saved the Hugging Face %s to %s", "adapter" if _is_peft(
-                getattr(engine_or_model, "module", engine_or_model)) else "model", target)
-        self.barrier()
-
-
-def _is_peft(model: torch.nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def _cpu_adam(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
@@ -488,51 +305,3 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         (no_decay if ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-class _DeferredWrites:
-    """Stands in for an engine's checkpoint engine during ``save_checkpoint``: each file write is
-    queued (its state copied to host memory first when ``host_copy``), everything else goes to the
-    engine's own checkpoint engine, which later writes the queued files in DeepSpeed's format."""
-
-    def __init__(self, real: Any, queue: list[tuple[Any, Any, str]], host_copy: bool,
-                 frozen: frozenset[str] = frozenset()) -> None:
-        self._real = real
-        self._queue = queue
-        self._host_copy = host_copy
-        self._frozen = frozen
-
-    def save(self, state_dict: Any, path: str) -> None:
-        module = state_dict.get("module") if isinstance(state_dict, dict) else None
-        if self._frozen and isinstance(module, dict):
-            # DeepSpeed's exclude_frozen_parameters finds frozen weights with named_parameters(), which
-            # skips tied aliases: a tied lm_head (the whole embedding) would stay in a LoRA checkpoint.
-            state_dict = {**state_dict, "module": {k: v for k, v in module.items() if k not in self._frozen}}
-        self._queue.append((self._real, _to_host(state_dict) if self._host_copy else state_dict, path))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-
-def _to_host(obj: Any, memo: dict[tuple[Any, ...], torch.Tensor] | None = None) -> Any:
-    """A copy of a (nested) state dict whose tensors are new CPU tensors, so training can go on
-    changing the originals while the copy is written. Views of the same memory (tied weights) share
-    one copy, so the file holds them once, as a direct save would."""
-    memo = {} if memo is None else memo
-    if isinstance(obj, torch.Tensor):
-        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype,
-               obj.device)
-        if key not in memo:
-            memo[key] = obj.detach().to("cpu", copy=True)
-        return memo[key]
-    if isinstance(obj, dict):
-        out = copy.copy(obj)  # keeps the mapping's type (OrderedDict, defaultdict)
-        for k, v in obj.items():
-            out[k] = _to_host(v, memo)
-        return out
-    if isinstance(obj, list):
-        return [_to_host(v, memo) for v in obj]
-    if isinstance(obj, tuple):
-        items = [_to_host(v, memo) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    return copy.deepcopy(obj)

@@ -3,19 +3,16 @@
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from openrl_ckpt.checkpoint.comm import SingleProcessComm
-from openrl_ckpt.checkpoint.manager import (
-    LATEST,
-    MANIFEST,
-    CheckpointError,
-    CheckpointManager,
-    plan_rotation,
-    start_writeback,
-)
+from openrl_ckpt.checkpoint.contents import BytesFile, CheckpointContents
+from openrl_ckpt.checkpoint.files import LATEST, MANIFEST, CheckpointError, plan_rotation, start_writeback
+from openrl_ckpt.checkpoint.manager import CheckpointManager
 from openrl_ckpt.checkpoint.state import STATE_FILE, TrainState
 from openrl_ckpt.errors import UserError
 
@@ -26,11 +23,8 @@ def make_state(step):
 
 
 def writer(payload_bytes=100):
-    def write(tmp: Path):
-        (tmp / "model").mkdir()
-        (tmp / "model" / "weights.bin").write_bytes(os.urandom(payload_bytes))
-        (tmp / "model" / "small.txt").write_text("x")
-    return write
+    return CheckpointContents([BytesFile("model/weights.bin", os.urandom(payload_bytes)),
+                               BytesFile("model/small.txt", b"x")])
 
 
 def manager(tmp_path, num=3, mem=1e8):
@@ -183,16 +177,23 @@ def bg_manager(tmp_path, num=3):
     return m
 
 
+@dataclass(frozen=True)
+class GatedFile:
+    """A staged file whose write waits for ``gate`` (a background write still in progress)."""
+
+    path: str
+    data: bytes
+    gate: Any = None
+
+    def write(self, folder: Path) -> None:
+        if self.gate is not None:
+            self.gate.wait(10)
+        BytesFile(self.path, self.data).write(folder)
+
+
 def deferred(payload: bytes, gate=None):
-    """A stage that captures now and writes in the flush (as the strategy's stage does)."""
-    def stage(tmp: Path):
-        def flush():
-            if gate is not None:
-                gate.wait(10)
-            (tmp / "model").mkdir()
-            (tmp / "model" / "weights.bin").write_bytes(payload)
-        return flush
-    return stage
+    """Contents captured now and written later (as the strategy's staged engine files are)."""
+    return CheckpointContents([GatedFile("model/weights.bin", payload, gate)])
 
 
 def test_background_save_commits_after_wait_and_keeps_the_state_of_its_step(tmp_path):
@@ -241,10 +242,12 @@ def test_a_failed_write_names_the_file(tmp_path):
 
     m = manager(tmp_path)
 
-    def stage(tmp):
-        def flush():
-            raise OSError(errno.EACCES, "Permission denied", str(tmp / "model" / "mp_rank_00_model_states.pt"))
-        return flush
+    class Unwritable:
+        path = "model/mp_rank_00_model_states.pt"
+
+        def write(self, folder):
+            raise OSError(errno.EACCES, "Permission denied", str(folder / self.path))
+    stage = CheckpointContents([Unwritable()])
     with pytest.raises(CheckpointError, match=r"cannot write .*\.tmp-global_step3/model/mp_rank_00_model_states\.pt "
                                               r"\(Permission denied\)"):
         m.save(make_state(3), stage, meta={})
@@ -252,7 +255,7 @@ def test_a_failed_write_names_the_file(tmp_path):
 
 
 def test_a_rotation_that_cannot_delete_is_a_warning(tmp_path, monkeypatch, caplog):
-    import openrl_ckpt.checkpoint.manager as M
+    import openrl_ckpt.checkpoint.commit as M
 
     m = manager(tmp_path, num=1)
     m.save(make_state(1), writer(), meta={})

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from openrl_ckpt.checkpoint.comm import SingleProcessComm
+from openrl_ckpt.checkpoint.contents import BytesFile, CheckpointContents
 from openrl_ckpt.checkpoint.inspect import BEST_KEY, EVAL_KEY, HF_DIR, best_checkpoint
-from openrl_ckpt.checkpoint.manager import MANIFEST, CheckpointManager
+from openrl_ckpt.checkpoint.files import MANIFEST
+from openrl_ckpt.checkpoint.manager import CheckpointManager
 from openrl_ckpt.checkpoint.state import STATE_FILE, TrainState
 from openrl_ckpt.cli import ckpt, lora_combiner
 from openrl_ckpt.cli.args import run
@@ -24,14 +26,12 @@ def state(step: int) -> TrainState:
                       global_step=step, consumed_samples=8 * step, epoch=step // 10)
 
 
-def engine_writer(payload: int = 1000):
-    def write(tmp: Path) -> None:
-        (tmp / "model").mkdir()
-        (tmp / "model" / "mp_rank_00_model_states.pt").write_bytes(os.urandom(payload))
-        (tmp / "model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(2 * payload))
-        (tmp / HF_DIR / "model").mkdir(parents=True)
-        (tmp / HF_DIR / "model" / "config.json").write_text("{}")
-    return write
+def engine_writer(payload: int = 1000) -> CheckpointContents:
+    return CheckpointContents([
+        BytesFile("model/mp_rank_00_model_states.pt", os.urandom(payload)),
+        BytesFile("model/zero_pp_rank_0_mp_rank_00_optim_states.pt", os.urandom(2 * payload)),
+        BytesFile(f"{HF_DIR}/model/config.json", b"{}"),
+    ])
 
 
 def make_ckpt(tmp_path: Path, steps=(5, 10, 15), best: int | None = None, payload: int = 1000) -> Path:
@@ -362,11 +362,12 @@ def test_hf_files_without_weights(tiny_model_dir, tiny_tokenizer_dir, tmp_path, 
     from transformers import AutoTokenizer
 
     from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, StrategyConfig
+    from openrl_ckpt.strategy.hf import full_state_dict, write_hf
 
     model, tok = lora_model(tiny_model_dir, rm=rm), AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     s = DeepspeedStrategy(StrategyConfig(zero_stage=2))
-    s.write_hf(model, tok, tmp_path / "meta", None)
-    s.write_hf(model, tok, tmp_path / "full", s.full_state_dict(model))
+    write_hf(model, tok, tmp_path / "meta", None)
+    write_hf(model, tok, tmp_path / "full", full_state_dict(s, model))
     meta, full = sorted(p.name for p in (tmp_path / "meta").iterdir()), sorted(p.name for p in (tmp_path / "full").iterdir())
     assert full == sorted(meta + ["adapter_model.safetensors"]) and "tokenizer.json" in meta
     for name in meta:

@@ -108,7 +108,8 @@ def test_rloo_and_group_norm_by_hand() -> None:
 
 
 def test_ema_by_hand(tmp_path) -> None:
-    from openrl_ckpt.trainers.ppo.ema import EmaWeights, save_ema
+    from openrl_ckpt.checkpoint.contents import TensorFile
+    from openrl_ckpt.trainers.ppo.ema import EMA_FILE, EmaWeights
 
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -118,7 +119,7 @@ def test_ema_by_hand(tmp_path) -> None:
         model.weight.fill_(6.0)
     ema.update(model)  # 0.75 * 2 + 0.25 * 6 = 3
     assert ema.tensors["weight"].item() == 3.0
-    save_ema(ema.snapshot(), tmp_path / "ema.safetensors")
+    TensorFile(EMA_FILE, ema.snapshot()).write(tmp_path)  # what each checkpoint holds
     again = EmaWeights(model, beta=0.75)
     again.load(tmp_path / "ema.safetensors")
     again.copy_to(model)

@@ -9,7 +9,7 @@ import torch
 
 from openrl_ckpt.checkpoint.faults import fault_point
 from openrl_ckpt.checkpoint.preemption import Preempted, StopRequests, signal_name
-from openrl_ckpt.strategy.deepspeed import _DeferredWrites, _to_host
+from openrl_ckpt.strategy.engine_checkpoint import _DeferredWrites, _to_host
 
 
 def test_stop_signals_are_recorded_then_the_old_handlers_come_back():

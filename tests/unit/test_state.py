@@ -44,14 +44,13 @@ def test_incompatibility_reasons():
 
 def test_step_saved_again_replaces_the_old_copy(tmp_path):
     from openrl_ckpt.checkpoint.comm import SingleProcessComm
+    from openrl_ckpt.checkpoint.contents import BytesFile, CheckpointContents
     from openrl_ckpt.checkpoint.manager import CheckpointManager
 
     m = CheckpointManager(str(tmp_path), SingleProcessComm(), max_ckpt_num=3, max_ckpt_mem_gb=1)
     m.prepare()
     state = TrainState(algorithm="sft", global_batch_size=8, world_size=1, model_fingerprint="f", global_step=4)
     for payload in (b"old", b"new"):
-        def write(tmp, p=payload):
-            (tmp / "w.bin").write_bytes(p)
-        m.save(state, write, meta={})
+        m.save(state, CheckpointContents([BytesFile("w.bin", payload)]), meta={})
     assert (tmp_path / "global_step4" / "w.bin").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step4", "latest"]

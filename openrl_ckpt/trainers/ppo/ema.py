@@ -6,7 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from openrl_ckpt.checkpoint.contents import StagedWrite, TensorFile
+from openrl_ckpt.errors import UserError
 
 EMA_FILE = "ema.safetensors"
 
@@ -41,5 +44,18 @@ class EmaWeights:
             p.copy_(self.tensors[k].to(p.device, p.dtype))
 
 
-def save_ema(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})
+class EmaPart:
+    """The EMA as a part of each checkpoint (``ema.safetensors``, written by rank 0)."""
+
+    def __init__(self, ema: EmaWeights) -> None:
+        self.ema = ema
+
+    def stage(self, is_rank_0: bool) -> list[StagedWrite]:
+        return [TensorFile(EMA_FILE, self.ema.snapshot())] if is_rank_0 else []
+
+    def load(self, checkpoint_dir: Path) -> None:
+        path = checkpoint_dir / EMA_FILE
+        if not path.exists():
+            raise UserError(f"--enable_ema: {checkpoint_dir} holds no EMA weights (the run that saved it had no "
+                            "--enable_ema); resume without it or start a fresh --ckpt_path")
+        self.ema.load(path)

@@ -12,6 +12,7 @@ value of the state before that token is read too.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +21,25 @@ import torch
 from openrl_ckpt.inference.batching import batch_seed
 from openrl_ckpt.inference.generation import SamplingConfig, generate
 from openrl_ckpt.models.loss import discounted_returns, gae, kl_estimate, token_logprobs
-from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, FrozenModel
+from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, FrozenModel, ReduceOp
 from openrl_ckpt.trainers.ppo.control import FixedKLController, RunningMoments, group_norm, rloo_baseline
 
-ESTIMATORS = ("gae", "reinforce", "rloo", "group_norm")
+class AdvantageEstimator(str, enum.Enum):
+    """--advantage_estimator: how a sample's reward becomes per-token advantages."""
+
+    GAE = "gae"  # the critic's values, generalized advantage estimation (trains a critic)
+    REINFORCE = "reinforce"  # whitened discounted returns
+    RLOO = "rloo"  # the reward minus the mean of the prompt's other samples
+    GROUP_NORM = "group_norm"  # the reward normalised within the prompt's samples
+
+    @property
+    def trains_critic(self) -> bool:
+        return self is AdvantageEstimator.GAE
+
+    @property
+    def compares_samples(self) -> bool:
+        """Whether the baseline comes from the other samples of the same prompt (needs at least 2)."""
+        return self in (AdvantageEstimator.RLOO, AdvantageEstimator.GROUP_NORM)
 
 
 @dataclass(frozen=True)
@@ -42,7 +58,7 @@ class PPOConfig:
     value_clip: float | None = 0.2
     normalize_reward: bool = False
     reward_clip_range: tuple[float, float] = (-10.0, 10.0)
-    advantage_estimator: str = "gae"
+    advantage_estimator: AdvantageEstimator = AdvantageEstimator.GAE
     freezing_actor_steps: int = -1
     seed: int = 42
 
@@ -120,7 +136,7 @@ class ExperienceMaker:
     def __init__(self, strategy: DeepspeedStrategy, actor: Any, critic: Any | None, ref: FrozenModel | None,
                  scorer: RewardScorer, cfg: PPOConfig, kl_ctl: FixedKLController, reward_moments: RunningMoments,
                  eos_token_id: int, pad_token_id: int) -> None:
-        self.s = strategy
+        self.strategy = strategy
         self.actor = actor
         self.critic = critic
         self.ref = ref
@@ -133,7 +149,7 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def make(self, prompts: list[list[int]], step: int) -> tuple[Experience, dict[str, float]]:
-        cfg, dev = self.cfg, self.s.device
+        cfg, dev = self.cfg, self.strategy.device
         samples = [p for p in prompts for _ in range(cfg.n_samples_per_prompt)]
         m = cfg.micro_rollout_batch_size
         chunks = [samples[i:i + m] for i in range(0, len(samples), m)]
@@ -143,8 +159,8 @@ class ExperienceMaker:
             ids, mask = left_pad(chunk, self.pad)
             # the seed names this rank's i-th call of this step: a resumed run draws the same samples
             gen = generate(self.actor, ids.to(dev), mask.to(dev), cfg.sampling, eos_token_id=self.eos,
-                           pad_token_id=self.pad, zero_stage=self.s.cfg.zero_stage,
-                           seed=batch_seed(cfg.seed, step, self.s.rank * calls + i))
+                           pad_token_id=self.pad, zero_stage=self.strategy.cfg.zero_stage,
+                           seed=batch_seed(cfg.seed, step, self.strategy.rank * calls + i))
             gens.append((gen, mask))
         exp = self._layout(gens, dev)
 
@@ -176,26 +192,26 @@ class ExperienceMaker:
                    "kl": float(kl.sum(1).mean()), "kl_coef": self.kl_ctl.value}
         reward = score
         if cfg.normalize_reward:
-            totals = self.s.all_reduce({"sum": float(score.double().sum()), "sq": float((score.double() ** 2).sum()),
-                                        "n": float(score.numel())}, op="sum")
+            totals = self.strategy.all_reduce({"sum": float(score.double().sum()), "sq": float((score.double() ** 2).sum()),
+                                        "n": float(score.numel())}, op=ReduceOp.SUM)
             self.moments.update(totals["sum"], totals["sq"], totals["n"])
             reward = self.moments.normalize(score)
         reward = reward.clamp(*cfg.reward_clip_range)
         n = cfg.n_samples_per_prompt
-        if cfg.advantage_estimator == "rloo":
+        if cfg.advantage_estimator is AdvantageEstimator.RLOO:
             reward = rloo_baseline(reward, n)
-        elif cfg.advantage_estimator == "group_norm":
+        elif cfg.advantage_estimator is AdvantageEstimator.GROUP_NORM:
             reward = group_norm(reward, n)
         token_rewards = -self.kl_ctl.value * kl
         token_rewards[torch.arange(len(exp), device=dev), last_token_index(exp.action_mask)] += reward
-        if cfg.advantage_estimator == "gae":
+        if cfg.advantage_estimator.trains_critic:
             assert values is not None
             exp.advantages, exp.returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lambd)
             exp.values = values
             exp.advantages = self._whiten(exp.advantages, mask)
         else:
             exp.advantages = discounted_returns(token_rewards, mask, cfg.gamma)
-            if cfg.advantage_estimator == "reinforce":
+            if cfg.advantage_estimator is AdvantageEstimator.REINFORCE:
                 exp.advantages = self._whiten(exp.advantages, mask)
         return exp, metrics
 
@@ -222,8 +238,8 @@ class ExperienceMaker:
 
     def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std over every rank's answer tokens."""
-        t = self.s.all_reduce({"sum": float((x * mask).double().sum()), "sq": float(((x * mask) ** 2).double().sum()),
-                               "n": float(mask.sum())}, op="sum")
+        t = self.strategy.all_reduce({"sum": float((x * mask).double().sum()), "sq": float(((x * mask) ** 2).double().sum()),
+                               "n": float(mask.sum())}, op=ReduceOp.SUM)
         mean = t["sum"] / max(t["n"], 1.0)
         var = max(t["sq"] / max(t["n"], 1.0) - mean * mean, 0.0)
         return (x - mean) / (var ** 0.5 + 1e-8) * mask

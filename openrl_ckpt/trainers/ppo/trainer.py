@@ -1,9 +1,10 @@
 """The PPO loop: one update step = one rollout of ``rollout_batch_size`` prompts and its PPO epochs.
 
-It runs on the shared loop's machinery (``trainers.base.Trainer``): checkpoint manager, resume, the
-step-boundary handling (save cadence, preemption, async and time-based saves), the final save. Only
-the data set-up and the per-step body differ: a step is a rollout over a prompt sampler, not an optimizer step over a
-dataset, and it trains two engines (tagged ``actor`` and ``critic`` in each checkpoint).
+It composes what every loop uses: the ``Checkpointer`` (resume, step boundary with save cadence,
+preemption, async and time-based saves, the final save) and ``StepProgress`` (counters, bar, log
+lines). Its own are the data set-up and the step body: a step is a rollout over a prompt sampler, not an
+optimizer step over a dataset, and it trains two engines (tagged ``actor`` and ``critic`` in each
+checkpoint), with the EMA of the actor as an extra part of each checkpoint.
 """
 
 from __future__ import annotations
@@ -11,28 +12,26 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from openrl_ckpt.checkpoint.manager import CheckpointManager, step_dir_name
-from openrl_ckpt.checkpoint.preemption import StopRequests
 from openrl_ckpt.checkpoint.state import TrainState
 from openrl_ckpt.data.sampler import ResumableDistributedSampler
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.inference.batching import batch_seed
 from openrl_ckpt.models.loss import ppo_policy_loss, ppo_value_loss, sft_loss
-from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
-from openrl_ckpt.trainers.base import LoopConfig, TrackerConfig, Trainer
+from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, ReduceOp
+from openrl_ckpt.strategy.engine_checkpoint import DeepspeedEngines
+from openrl_ckpt.trainers.base import LoopConfig
+from openrl_ckpt.trainers.checkpointing import Checkpointer
 from openrl_ckpt.trainers.common import check_frozen_identity
+from openrl_ckpt.trainers.ppo.ema import EmaPart, EmaWeights
 from openrl_ckpt.trainers.ppo.experience import (Experience, ExperienceMaker, PPOConfig, action_logprobs,
                                                  critic_values)
-from openrl_ckpt.trainers.ppo.ema import EMA_FILE, EmaWeights, save_ema
 from openrl_ckpt.trainers.ppo.ptx import PtxFeed
-from openrl_ckpt.utils.tracking import Tracker
+from openrl_ckpt.trainers.progress import StepProgress, TrackerConfig, open_tracker
 
 log = logging.getLogger("openrl_ckpt")
 
@@ -69,48 +68,83 @@ class PPOState:
             self.ptx.load_state_dict(state.get("ptx", {"consumed": 0}))
 
 
-class PPOTrainer(Trainer):
+class PPOTrainer:
     def __init__(self, strategy: DeepspeedStrategy, actor: Any, critic: Any | None, maker: ExperienceMaker,
                  prompts: Dataset, ppo: PPOConfig, cfg: LoopConfig, tracker_cfg: TrackerConfig,
                  model_fingerprint: str, frozen: dict[str, list[dict[str, Any]]], *, tokenizer: Any = None,
                  ckpt_meta: dict[str, Any] | None = None, ptx: PtxFeed | None = None, ptx_coef: float = 0.0,
                  ema: EmaWeights | None = None) -> None:
-        # The base constructor sets up an optimizer-step sampler over a dataset; PPO samples prompts
-        # per rollout instead, so the attributes the shared machinery reads are set here.
-        self.s = strategy
-        self.engine = actor
+        self.strategy = strategy
+        self.actor = actor
         self.critic = critic
         self.maker = maker
         self.ppo = ppo
         self.cfg = cfg
         self.tracker_cfg = tracker_cfg
-        self.engines = {"actor": actor, **({"critic": critic} if critic is not None else {})}
-        self.meta = dict(ckpt_meta or {})
-        self.tokenizer = tokenizer
         self.ptx = ptx
         self.ptx_coef = ptx_coef
         self.ema = ema
-        self.algo = PPOState(maker, frozen, ptx)  # type: ignore[assignment]
-        self._last_eval = None
-        self._best_room_checked = False
-        self._last_saved = -1
-        self._last_save_time = time.monotonic()
-        self.eval_loader = None
-        self._check_ckpt_options(has_eval=False)
         world = strategy.world_size
-        self.sampler = ResumableDistributedSampler(len(prompts), ppo.rollout_batch_size, world, strategy.rank,
-                                                   seed=cfg.seed, shuffle=cfg.shuffle)
+        # A step samples prompts for one rollout (not an optimizer step over a dataset).
+        self.sampler = ResumableDistributedSampler(len(prompts), ppo.rollout_batch_size, world,  # type: ignore
+                                                   strategy.rank, seed=cfg.seed, shuffle=cfg.shuffle)
         self.loader = strategy.setup_dataloader(prompts, self.sampler, ppo.rollout_batch_size // world, list)
         self.total_steps = self.sampler.steps_per_epoch * ppo.num_episodes
         self.state = TrainState(algorithm=cfg.algorithm, global_batch_size=ppo.rollout_batch_size,
                                 world_size=world, model_fingerprint=model_fingerprint,
                                 zero_stage=strategy.cfg.zero_stage)
+        engines = {"actor": actor, **({"critic": critic} if critic is not None else {})}
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint, strategy, DeepspeedEngines(strategy, engines, tokenizer), algorithm=cfg.algorithm,
+            algorithm_state=PPOState(maker, frozen, ptx), total_steps=self.total_steps, meta=ckpt_meta,
+            parts={"ema": EmaPart(ema)} if ema is not None else None)
+
+    def fit(self) -> TrainState:
+        """Train to the end; raises ``Preempted`` once a stop request is handled (checkpoint committed)."""
+        with self.checkpointer.session() as checkpointer:
+            self.state = checkpointer.resume(self.state)
+            with open_tracker(self.tracker_cfg, self.strategy, self.state) as tracker:
+                progress = StepProgress(self.strategy, self.state, self.total_steps, self.sampler.epoch_positions,
+                                        self.cfg.logging_steps, tracker, desc=self.cfg.algorithm)
+                try:
+                    stopped_by = self._loop(progress)
+                finally:
+                    progress.close()
+                checkpointer.finish(self.state, stopped_by)
+        return self.state
+
+    def _loop(self, progress: StepProgress) -> str | None:
+        strategy, state, ppo = self.strategy, self.state, self.ppo
+        stopped_by = None
+        self.actor.train()
+        if self.critic is not None:
+            self.critic.train()
+        while not progress.done and stopped_by is None:
+            self.sampler.set_consumed(state.consumed_samples)
+            for rows in self.loader:
+                started = time.perf_counter()
+                exp, metrics = self.maker.make([r["input_ids"] for r in rows], state.global_step)
+                rollout_s = time.perf_counter() - started
+                metrics.update(self.update(exp, state.global_step))
+                self.maker.kl_ctl.update(strategy.all_reduce({"kl": metrics["kl"]})["kl"],
+                                         ppo.rollout_batch_size * ppo.n_samples_per_prompt)
+                progress.end_step(ppo.rollout_batch_size)
+                if progress.log_due:
+                    metrics = strategy.all_reduce(metrics)
+                    metrics.update(actor_lr=float(self.actor.get_lr()[0]), rollout_s=rollout_s,
+                                   step_s=time.perf_counter() - started, episode=state.epoch,
+                                   peak_mem_gb=strategy.all_reduce({"m": _peak_memory_gb()}, op=ReduceOp.MAX)["m"])
+                    progress.log(metrics)
+                stopped_by = self.checkpointer.after_step(state)
+                if stopped_by is not None or progress.done:
+                    break
+        return stopped_by
 
     # ------------------------------------------------------------------ one update step
     def update(self, exp: Experience, step: int) -> dict[str, float]:
         """PPO epochs over this rank's rollout in shuffled micro batches; actor and critic step at their
         accumulation boundaries (every --train_batch_size samples, all ranks together)."""
-        ppo, s = self.ppo, self.s
+        ppo, strategy = self.ppo, self.strategy
         train_actor = step >= ppo.freezing_actor_steps
         sums: dict[str, float] = {}
         count = actor_micro = 0
@@ -122,7 +156,7 @@ class PPOTrainer(Trainer):
                 rows = order[start:start + ppo.micro_train_batch_size]
                 inputs, mask = exp.inputs(rows), exp.action_mask[rows]
                 if train_actor:
-                    logp = action_logprobs(self.engine, inputs, exp.prompt_len)
+                    logp = action_logprobs(self.actor, inputs, exp.prompt_len)
                     loss, clipfrac = ppo_policy_loss(logp, exp.old_logp[rows], exp.advantages[rows], mask,
                                                      ppo.eps_clip)
                     sums["policy_loss"] = sums.get("policy_loss", 0.0) + loss.item()
@@ -130,94 +164,30 @@ class PPOTrainer(Trainer):
                         ptx_loss = self._ptx_loss()
                         loss = loss + self.ptx_coef * ptx_loss
                         sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + ptx_loss.item()
-                    s.backward(loss, self.engine)
-                    s.optimizer_step(self.engine)
+                    strategy.backward(loss, self.actor)
+                    strategy.optimizer_step(self.actor)
                     actor_micro += 1
-                    if self.ema is not None and actor_micro % s.grad_accum == 0:  # an optimizer step was taken
-                        self.ema.update(self.engine.module)
+                    if self.ema is not None and actor_micro % strategy.grad_accum == 0:  # an optimizer step was taken
+                        self.ema.update(self.actor.module)
                     sums["clip_frac"] = sums.get("clip_frac", 0.0) + clipfrac.item()
                 if self.critic is not None:
                     assert exp.values is not None and exp.returns is not None
                     values = critic_values(self.critic, inputs, exp.prompt_len)
                     vloss = ppo_value_loss(values, exp.values[rows], exp.returns[rows], mask, ppo.value_clip)
-                    s.backward(vloss, self.critic)
-                    s.optimizer_step(self.critic)
+                    strategy.backward(vloss, self.critic)
+                    strategy.optimizer_step(self.critic)
                     sums["value_loss"] = sums.get("value_loss", 0.0) + vloss.item()
                 count += 1
         return {k: v / count for k, v in sums.items()}
-
-    # ------------------------------------------------------------------ EMA in checkpoints
-    def _stage(self) -> Callable[[Path], Callable[[], None] | None]:
-        """The shared checkpoint contents plus, with --enable_ema, ``ema.safetensors`` (written by rank 0)."""
-        staged = super()._stage()
-        if self.ema is None:
-            return staged
-
-        def stage(tmp: Path) -> Callable[[], None]:
-            flush = staged(tmp)
-            tensors = self.ema.snapshot() if self.s.is_rank_0 else None  # type: ignore[union-attr]
-
-            def both() -> None:
-                if flush is not None:
-                    flush()
-                if tensors is not None:
-                    save_ema(tensors, tmp / EMA_FILE)
-            return both
-        return stage
-
-    def _resume(self, manager: CheckpointManager | None) -> None:
-        super()._resume(manager)
-        if self.ema is not None and self.state.global_step > 0:
-            path = Path(self.cfg.ckpt_path) / step_dir_name(self.state.global_step) / EMA_FILE
-            if not path.exists():
-                raise UserError(f"--enable_ema: {path.parent} holds no EMA weights (the run that saved it had no "
-                                "--enable_ema); resume without it or start a fresh --ckpt_path")
-            self.ema.load(path)
 
     def _ptx_loss(self) -> torch.Tensor:
         """The actor's SFT loss on the next micro batch of pretraining data."""
         assert self.ptx is not None
         batch = self.ptx.next()
-        dev = self.s.device
-        ids = batch["input_ids"].to(dev)
-        logits = self.engine(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), use_cache=False).logits
-        return sft_loss(logits, ids, batch["loss_mask"].to(dev))[0]
-
-    # ------------------------------------------------------------------ loop
-    def _loop(self, manager: CheckpointManager | None, tracker: Tracker, stop: StopRequests) -> str | None:
-        cfg, s, st, ppo = self.cfg, self.s, self.state, self.ppo
-        bar = tqdm(total=self.total_steps, initial=st.global_step, disable=None if s.is_rank_0 else True,
-                   desc=cfg.algorithm, dynamic_ncols=True)
-        stopped_by = None
-        self.engine.train()
-        if self.critic is not None:
-            self.critic.train()
-        while st.global_step < self.total_steps and stopped_by is None:
-            self.sampler.set_consumed(st.consumed_samples)
-            for rows in self.loader:
-                started = time.perf_counter()
-                exp, metrics = self.maker.make([r["input_ids"] for r in rows], st.global_step)
-                rollout_s = time.perf_counter() - started
-                metrics.update(self.update(exp, st.global_step))
-                self.maker.kl_ctl.update(s.all_reduce({"kl": metrics["kl"]})["kl"],
-                                         ppo.rollout_batch_size * ppo.n_samples_per_prompt)
-                st.global_step += 1
-                st.consumed_samples += ppo.rollout_batch_size
-                st.epoch = st.consumed_samples // self.sampler.epoch_positions
-                bar.update(1)
-                if st.global_step % cfg.logging_steps == 0 or st.global_step == self.total_steps:
-                    metrics = s.all_reduce(metrics)
-                    metrics.update(actor_lr=self._lr(), rollout_s=rollout_s,
-                                   step_s=time.perf_counter() - started, episode=st.epoch,
-                                   peak_mem_gb=s.all_reduce({"m": _peak_memory_gb()}, op="max")["m"])
-                    self._log(metrics, tracker)
-                stopped_by = self._step_boundary(manager, stop, tracker)
-                if stopped_by is not None:
-                    break
-                if st.global_step >= self.total_steps:
-                    break
-        bar.close()
-        return stopped_by
+        device = self.strategy.device
+        ids = batch["input_ids"].to(device)
+        logits = self.actor(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+        return sft_loss(logits, ids, batch["loss_mask"].to(device))[0]
 
 
 def _peak_memory_gb() -> float:
