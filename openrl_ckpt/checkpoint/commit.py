@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from openrl_ckpt.checkpoint.contents import CheckpointContents
 from openrl_ckpt.checkpoint.files import (
     DEL_PREFIX,
     HASH_ALGO,
@@ -79,6 +80,15 @@ def begin_staging(root: Path, step: int) -> Path:
 def hash_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """Size and checksum of each named file below ``folder`` (each fsynced on the way)."""
     return {n: {"size": (folder / n).stat().st_size, HASH_ALGO: file_checksum(folder / n)} for n in names}
+
+
+def write_group(staging: Path, group: str, contents: CheckpointContents) -> GroupFiles:
+    """One group's part of a save: write its staged items into ``staging`` and report every file they
+    made (an item's path names a file or a folder). Other groups may be writing beside it."""
+    paths = [p.rstrip("/") for p in contents.paths]
+    contents.write_into(staging)
+    names = [n for n in list_files(staging) if any(n == p or n.startswith(p + "/") for p in paths)]
+    return GroupFiles(group, hash_files(staging, names))
 
 
 def _merge_reports(step: int, reports: list[GroupFiles], expected_groups: set[str]) -> dict[str, dict[str, Any]]:

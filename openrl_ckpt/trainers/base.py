@@ -21,7 +21,7 @@ from openrl_ckpt.checkpoint.state import TrainState
 from openrl_ckpt.data.sampler import EvalSampler, ResumableDistributedSampler
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, ReduceOp
 from openrl_ckpt.strategy.engine_checkpoint import DeepspeedEngines
-from openrl_ckpt.trainers.checkpointing import CheckpointConfig, Checkpointer
+from openrl_ckpt.trainers.checkpointing import CheckpointConfig, Checkpointer, EngineStore
 from openrl_ckpt.trainers.progress import StepProgress, TrackerConfig, open_tracker
 
 log = logging.getLogger("openrl_ckpt")
@@ -90,10 +90,12 @@ class Trainer:
         *,
         eval_set: Dataset | None = None,
         eval_collate: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None,
-        checkpoint_engines: dict[str, Any] | None = None,
         ckpt_meta: dict[str, Any] | None = None,
         tokenizer: Any = None,
+        engine_store: EngineStore | None = None,
     ) -> None:
+        """``engine_store``: how the trained engine goes into checkpoints; by default DeepSpeed's files of
+        ``engine`` tagged ``model``, with ``tokenizer`` in its Hugging Face folder."""
         self.strategy = strategy
         self.engine = engine
         self.algorithm = algorithm
@@ -112,7 +114,7 @@ class Trainer:
                                 world_size=strategy.world_size, model_fingerprint=model_fingerprint,
                                 zero_stage=strategy.cfg.zero_stage)
         self.checkpointer = Checkpointer(
-            cfg.checkpoint, strategy, DeepspeedEngines(strategy, checkpoint_engines or {"model": engine}, tokenizer),
+            cfg.checkpoint, strategy, engine_store or DeepspeedEngines(strategy, {"model": engine}, tokenizer),
             algorithm=cfg.algorithm, algorithm_state=algorithm, total_steps=self.total_steps, meta=ckpt_meta,
             eval_steps=cfg.eval_steps if eval_set is not None else None)
         if len(train_set) % global_batch and strategy.is_rank_0:  # type: ignore[arg-type]
