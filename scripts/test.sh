@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install (if needed) and run the whole test suite: tests/unit, then tests/integration.
+# Install (if needed), lint (ruff, configured in ruff.toml), then run the whole test suite: tests/unit,
+# then tests/integration.
 #   bash scripts/test.sh [pytest args...]      e.g. bash scripts/test.sh -x -k resume
 # Env: OPENRL_VENV (default <repo>/.venv), TORCH_SPEC (see scripts/setup.sh).
-# Exits non-zero if either stage fails; both stages always run.
+# Exits non-zero if the lint or either test stage fails; every stage always runs.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +34,9 @@ run_stage() {
 }
 
 start=$(date +%s)
+echo "=== ruff check ==="
+lint=0
+ruff check "$ROOT" || lint=$?
 run_stage unit "$@"
 # Build DeepSpeed's CPU all-reduce op once, before any test kills a run: a process killed while
 # compiling it would leave a stale build lock that every later launch waits on.
@@ -42,6 +46,7 @@ run_stage integration "$@"
 
 echo "=== summary ($(( $(date +%s) - start ))s) ==="
 fail=0
+if [[ $lint -eq 0 ]]; then echo "  ruff check: clean"; else echo "  ruff check: FAILED (findings above)"; fail=1; fi
 for name in unit integration; do
   if [[ ${status[$name]} -eq 0 ]]; then echo "  tests/$name: passed"; else echo "  tests/$name: FAILED (pytest exit ${status[$name]})"; fail=1; fi
 done

@@ -61,7 +61,7 @@ class GroupFiles:
         return {"group": self.group, "files": self.files}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "GroupFiles":
+    def from_json(cls, data: dict[str, Any]) -> GroupFiles:
         return cls(group=data["group"], files=data["files"])
 
 

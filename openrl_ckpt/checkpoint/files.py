@@ -19,8 +19,9 @@ import os
 import re
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -157,7 +158,7 @@ def plan_rotation(
     """
     alive = sorted(committed)
     doomed: list[int] = []
-    for step, size in alive:
+    for step, _ in alive:
         count = len(alive) - len(doomed)
         total = sum(s for st, s in alive if st not in doomed)
         if count <= max_num and total <= max_bytes:

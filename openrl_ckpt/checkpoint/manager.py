@@ -14,10 +14,11 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from openrl_ckpt.checkpoint.comm import Comm
 from openrl_ckpt.checkpoint.commit import (
@@ -239,7 +240,7 @@ class CheckpointManager:
         pending.thread.start()
         return final
 
-    def _run_background(self, pending: "_Pending", job: Callable[[Comm], Path], comm: Comm) -> None:
+    def _run_background(self, pending: _Pending, job: Callable[[Comm], Path], comm: Comm) -> None:
         try:
             job(comm)
         except Exception as e:  # handed to the training thread, which raises it at its next check
@@ -330,6 +331,8 @@ class CheckpointManager:
     def rotate(self, keep: int, pinned: frozenset[int] = frozenset(), comm: Comm | None = None) -> list[int]:
         """Delete the oldest committed checkpoints beyond --max_ckpt_num / --max_ckpt_mem (the leaders
         of each storage), never ``keep`` or ``pinned``; returns the deleted steps."""
-        doomed = rotate_checkpoints(self.root, keep, self.max_ckpt_num, self.max_bytes, pinned) if self.is_leader else []
+        doomed = []
+        if self.is_leader:
+            doomed = rotate_checkpoints(self.root, keep, self.max_ckpt_num, self.max_bytes, pinned)
         (comm or self.comm).barrier()
         return doomed

@@ -45,7 +45,7 @@ class StopRequests:
         if self.signum is None:
             self.signum = signum
 
-    def __enter__(self) -> "StopRequests":
+    def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self

@@ -12,9 +12,10 @@ import math
 import os
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -196,7 +197,8 @@ class DeepspeedStrategy:
                  "bf16" if self.cfg.bf16 else "fp32",
                  ", gradient checkpointing" if getattr(model, "is_gradient_checkpointing", False) else "",
                  ", optimizer states offloaded to the CPU" if self.cfg.adam_offload else "")
-        kwargs = {"min_lr": optim.learning_rate * optim.min_lr_ratio} if optim.lr_scheduler == "cosine_with_min_lr" else {}
+        kwargs = ({"min_lr": optim.learning_rate * optim.min_lr_ratio} if optim.lr_scheduler == "cosine_with_min_lr"
+                  else {})
         try:
             scheduler = get_scheduler(optim.lr_scheduler, optimizer,
                                       num_warmup_steps=math.ceil(total_steps * optim.lr_warmup_ratio),
@@ -211,7 +213,7 @@ class DeepspeedStrategy:
             engine.enable_backward_allreduce = False
         return engine
 
-    def prepare_frozen(self, model: torch.nn.Module, offload: bool = False) -> "FrozenModel":
+    def prepare_frozen(self, model: torch.nn.Module, offload: bool = False) -> FrozenModel:
         """A model used only for forward passes (reference, teacher, reward model).
 
         Under ZeRO-3 it becomes a DeepSpeed engine without optimizer, so its weights stay partitioned

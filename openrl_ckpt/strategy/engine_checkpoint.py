@@ -92,7 +92,7 @@ def stage_engines(engines: dict[str, Any], staging: Path, host_copy: bool = Fals
     return [DeepSpeedFile(os.path.relpath(q.path, staging), q.writer, q.state) for q in queue]
 
 
-def load_engines(strategy: "DeepspeedStrategy", resumed: Resumed, engines: dict[str, Any]) -> None:
+def load_engines(strategy: DeepspeedStrategy, resumed: Resumed, engines: dict[str, Any]) -> None:
     """Load model, optimizer and scheduler of each engine, then this rank's RNG.
 
     A checkpoint saved on another world size or ZeRO stage is converted to DeepSpeed's universal
@@ -129,7 +129,7 @@ def load_engines(strategy: "DeepspeedStrategy", resumed: Resumed, engines: dict[
         seed_everything(strategy.cfg.seed + resumed.step)
 
 
-def _convert(strategy: "DeepspeedStrategy", resumed: Resumed, names: list[str], universal: Path) -> str | None:
+def _convert(strategy: DeepspeedStrategy, resumed: Resumed, names: list[str], universal: Path) -> str | None:
     """Rank 0: the universal form of each engine into ``universal``; returns the error, if any."""
     saved = resumed.state
     log.info("%s was saved on %d rank(s) with ZeRO-%s and this run has %d with ZeRO-%d: converting it to "
@@ -153,7 +153,7 @@ class DeepspeedEngines:
     """The trained engines of a run as the ``Checkpointer`` sees them: staged into a checkpoint (engine
     files, Hugging Face folders) and loaded back from one."""
 
-    def __init__(self, strategy: "DeepspeedStrategy", engines: dict[str, Any], tokenizer: Any) -> None:
+    def __init__(self, strategy: DeepspeedStrategy, engines: dict[str, Any], tokenizer: Any) -> None:
         self.strategy = strategy
         self.engines = engines
         self.tokenizer = tokenizer  # saved into each checkpoint's hf/<engine>/, so an export needs nothing else

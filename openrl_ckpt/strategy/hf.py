@@ -135,7 +135,7 @@ def unwrap(engine_or_model: Any) -> torch.nn.Module:
     return getattr(engine_or_model, "module", engine_or_model)
 
 
-def full_state_dict(strategy: "DeepspeedStrategy", engine_or_model: Any) -> dict[str, torch.Tensor] | None:
+def full_state_dict(strategy: DeepspeedStrategy, engine_or_model: Any) -> dict[str, torch.Tensor] | None:
     """On rank 0, the weights a Hugging Face folder of this model holds; None on other ranks.
 
     Gathered under ZeRO-3 one parameter at a time. A PEFT model gives its trainable (adapter)
@@ -199,7 +199,7 @@ class HFFolder:
         write_hf(self.model, self.tokenizer, folder / self.path, self.state_dict)
 
 
-def stage_hf_folders(strategy: "DeepspeedStrategy", engines: dict[str, Any], tokenizer: Any,
+def stage_hf_folders(strategy: DeepspeedStrategy, engines: dict[str, Any], tokenizer: Any,
                      weights: bool) -> list[StagedWrite]:
     """Each engine's Hugging Face folder in the checkpoint, so an export needs nothing outside it; with
     ``weights`` (--save_hf_ckpt) the weights too, gathered now (collective). Rank 0 writes them."""
@@ -209,7 +209,7 @@ def stage_hf_folders(strategy: "DeepspeedStrategy", engines: dict[str, Any], tok
     return [HFFolder(f"{HF_DIR}/{name}", unwrap(engine), tokenizer, gathered[name]) for name, engine in engines.items()]
 
 
-def save_model(strategy: "DeepspeedStrategy", engine_or_model: Any, tokenizer: Any, save_path: str) -> None:
+def save_model(strategy: DeepspeedStrategy, engine_or_model: Any, tokenizer: Any, save_path: str) -> None:
     """A Hugging Face folder (safetensors, config, tokenizer; a PEFT adapter folder for a LoRA model),
     swapped in atomically (collective: every rank calls it)."""
     state_dict = full_state_dict(strategy, engine_or_model)

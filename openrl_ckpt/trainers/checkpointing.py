@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from openrl_ckpt.checkpoint.config import CheckpointConfig, SaveErrorPolicy
 from openrl_ckpt.checkpoint.contents import CheckpointContents, StagedWrite
@@ -128,7 +128,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ the loop's calls
     @contextlib.contextmanager
-    def session(self) -> Iterator["Checkpointer"]:
+    def session(self) -> Iterator[Checkpointer]:
         """Stop signals recorded, the checkpoint folder prepared (when the run has one), for the loop's life."""
         with StopRequests() as stop:
             self._stop = stop
@@ -217,9 +217,10 @@ class Checkpointer:
             raise UserError(f"--load_checkpoint: {resumed.path} cannot continue this run: {problem}")
         world_size = self.strategy.world_size
         if resumed.state.world_size != world_size and not self.manager.shared_storage:
-            raise UserError(f"--load_checkpoint: {resumed.path} was saved on {resumed.state.world_size} ranks and this "
-                            f"run has {world_size}; converting it needs every rank's files, but --ckpt_path "
-                            f"is on node-local storage: resume on {resumed.state.world_size} ranks or use shared storage")
+            saved_on = resumed.state.world_size
+            raise UserError(f"--load_checkpoint: {resumed.path} was saved on {saved_on} ranks and this run has "
+                            f"{world_size}; converting it needs every rank's files, but --ckpt_path is on node-local "
+                            f"storage: resume on {saved_on} ranks or use shared storage")
         self.engines.load(resumed)
         loaded = resumed.state
         loaded.world_size = world_size

@@ -7,7 +7,8 @@ reference point is the other side's mean log-ratio. Either estimate is averaged 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -12,8 +12,9 @@ import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO
 
 
 def temp_sibling(target: Path, kind: str = "tmp") -> Path:

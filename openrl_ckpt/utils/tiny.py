@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # keep `import openrl_ckpt.utils.tiny` cheap
     from transformers import PreTrainedTokenizerFast
@@ -76,7 +77,7 @@ def example_texts(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     return texts or list(_FALLBACK_TEXT)
 
 
-def build_tiny_tokenizer(out_dir: str, texts: Iterable[str], vocab_size: int = 512) -> "PreTrainedTokenizerFast":
+def build_tiny_tokenizer(out_dir: str, texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts`, wrap it for transformers, save to `out_dir`.
 
     No BOS/EOS is added automatically by `encode` (like Qwen/SmolLM2); datasets

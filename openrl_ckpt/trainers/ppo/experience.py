@@ -24,6 +24,7 @@ from openrl_ckpt.models.loss import discounted_returns, gae, kl_estimate, token_
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, FrozenModel, ReduceOp
 from openrl_ckpt.trainers.ppo.control import FixedKLController, RunningMoments, group_norm, rloo_baseline
 
+
 class AdvantageEstimator(str, enum.Enum):
     """--advantage_estimator: how a sample's reward becomes per-token advantages."""
 
@@ -192,8 +193,9 @@ class ExperienceMaker:
                    "kl": float(kl.sum(1).mean()), "kl_coef": self.kl_ctl.value}
         reward = score
         if cfg.normalize_reward:
-            totals = self.strategy.all_reduce({"sum": float(score.double().sum()), "sq": float((score.double() ** 2).sum()),
-                                        "n": float(score.numel())}, op=ReduceOp.SUM)
+            totals = self.strategy.all_reduce({"sum": float(score.double().sum()),
+                                               "sq": float((score.double() ** 2).sum()), "n": float(score.numel())},
+                                              op=ReduceOp.SUM)
             self.moments.update(totals["sum"], totals["sq"], totals["n"])
             reward = self.moments.normalize(score)
         reward = reward.clamp(*cfg.reward_clip_range)
@@ -238,8 +240,9 @@ class ExperienceMaker:
 
     def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std over every rank's answer tokens."""
-        t = self.strategy.all_reduce({"sum": float((x * mask).double().sum()), "sq": float(((x * mask) ** 2).double().sum()),
-                               "n": float(mask.sum())}, op=ReduceOp.SUM)
+        t = self.strategy.all_reduce({"sum": float((x * mask).double().sum()),
+                                      "sq": float(((x * mask) ** 2).double().sum()), "n": float(mask.sum())},
+                                     op=ReduceOp.SUM)
         mean = t["sum"] / max(t["n"], 1.0)
         var = max(t["sq"] / max(t["n"], 1.0) - mean * mean, 0.0)
         return (x - mean) / (var ** 0.5 + 1e-8) * mask

@@ -3,8 +3,9 @@ through a resumable sampler whose global position is part of the PPO state."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset

@@ -28,8 +28,7 @@ from openrl_ckpt.trainers.base import LoopConfig
 from openrl_ckpt.trainers.checkpointing import Checkpointer
 from openrl_ckpt.trainers.common import check_frozen_identity
 from openrl_ckpt.trainers.ppo.ema import EmaPart, EmaWeights
-from openrl_ckpt.trainers.ppo.experience import (Experience, ExperienceMaker, PPOConfig, action_logprobs,
-                                                 critic_values)
+from openrl_ckpt.trainers.ppo.experience import Experience, ExperienceMaker, PPOConfig, action_logprobs, critic_values
 from openrl_ckpt.trainers.ppo.ptx import PtxFeed
 from openrl_ckpt.trainers.progress import StepProgress, TrackerConfig, open_tracker
 
