@@ -12,9 +12,9 @@ from typing import Any
 
 from openrl_ckpt.cli import args as A
 from openrl_ckpt.data.loading import load_blended_dataset
+from openrl_ckpt.data.prompts import tokenize_prompts
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
-from openrl_ckpt.data.templates import (TemplateConfig, apply_tokenizer_chat_template, check_input_template,
-                                        render_prompt)
+from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, check_input_template
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.inference.generation import SamplingConfig
 from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
@@ -156,16 +156,13 @@ def load_prompts(args: A.argparse.Namespace, tokenizer: Any) -> list[dict[str, A
                                split=args.prompt_split, flag="--prompt_data")
     template = TemplateConfig(input_key=args.input_key, output_key=None, input_template=args.input_template,
                               apply_chat_template=args.apply_chat_template)
-    texts = [render_prompt(raw[i], template, tokenizer, where=f"{args.prompt_data} row {i + 1}")
-             for i in range(len(raw))]
-    ids = tokenizer(texts, add_special_tokens=not args.apply_chat_template, return_attention_mask=False)["input_ids"]
-    kept = [{"input_ids": x, "index": i} for i, x in enumerate(ids) if 0 < len(x) <= args.prompt_max_len]
+    kept = tokenize_prompts(raw, range(len(raw)), template, tokenizer, args.prompt_data, args.prompt_max_len)
     if not kept:
-        raise UserError(f"--prompt_data {args.prompt_data}: all {len(ids)} prompts are empty or longer than "
+        raise UserError(f"--prompt_data {args.prompt_data}: all {len(raw)} prompts are empty or longer than "
                         f"--prompt_max_len {args.prompt_max_len} tokens")
-    log.info("prompts: %d of %d kept (%d empty or longer than --prompt_max_len %d)", len(kept), len(ids),
-             len(ids) - len(kept), args.prompt_max_len)
-    return kept
+    log.info("prompts: %d of %d kept (%d empty or longer than --prompt_max_len %d)", len(kept), len(raw),
+             len(raw) - len(kept), args.prompt_max_len)
+    return [{"input_ids": prompt.ids, "index": prompt.row} for prompt in kept]
 
 
 def load_pretrain_data(args: A.argparse.Namespace, tokenizer: Any) -> Any:
