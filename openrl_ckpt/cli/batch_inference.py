@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.loading import load_blended_dataset
 from openrl_ckpt.data.preference_dataset import check_columns
 from openrl_ckpt.data.templates import (TemplateConfig, apply_tokenizer_chat_template, check_input_template,
@@ -419,4 +420,4 @@ def right_pad(seqs: list[list[int]], pad_token_id: int, device: torch.device) ->
 
 
 if __name__ == "__main__":
-    A.run(main)
+    run(main)

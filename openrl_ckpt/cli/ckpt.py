@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openrl_ckpt.checkpoint import inspect as I
-from openrl_ckpt.cli.args import Parser, run
+from openrl_ckpt.cli.args import Parser
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.errors import UserError
 
 if TYPE_CHECKING:

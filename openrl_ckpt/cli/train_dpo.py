@@ -10,7 +10,9 @@ import logging
 from functools import partial
 
 from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.collate import pair_collate
+from openrl_ckpt.data.loading import load_datasets
 from openrl_ckpt.data.preference_dataset import build_preference_dataset
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.templates import apply_tokenizer_chat_template, check_input_template
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.pretrain)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     build = partial(build_preference_dataset, tokenizer=tokenizer, cfg=A.preference_config(args), max_len=args.max_len)
-    train_set, eval_set = A.load_datasets(args, build)
+    train_set, eval_set = load_datasets(args, build)
 
     # 3. policy and frozen reference (not checkpointed: reloaded from --ref_pretrain, checked on resume)
     strategy.before_model_load()
@@ -90,4 +92,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    A.run(main)
+    run(main)

@@ -10,7 +10,9 @@ import logging
 from functools import partial
 
 from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.collate import pack_collate, pad_collate
+from openrl_ckpt.data.loading import load_datasets
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
 from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, check_input_template
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                               input_template=args.input_template, apply_chat_template=args.apply_chat_template)
     build = partial(build_sft_dataset, tokenizer=tokenizer, cfg=template, max_len=args.max_len,
                     pretrain_mode=args.pretrain_mode)
-    train_set, eval_set = A.load_datasets(args, build)
+    train_set, eval_set = load_datasets(args, build)
 
     # 3. student and frozen teacher (not checkpointed: reloaded from --teacher_model, checked on resume)
     strategy.before_model_load()
@@ -93,4 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    A.run(main)
+    run(main)

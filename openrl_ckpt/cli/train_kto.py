@@ -10,7 +10,9 @@ import logging
 from functools import partial
 
 from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.collate import kto_collate, pair_collate
+from openrl_ckpt.data.loading import load_datasets
 from openrl_ckpt.data.preference_dataset import (LabelledConfig, build_labelled_dataset, build_preference_dataset,
                                                  split_pairs)
 from openrl_ckpt.data.sampler import steps_per_epoch
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         build = partial(build, tokenizer=tokenizer, max_len=args.max_len)
         collate = partial(kto_collate, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                           max_len=args.max_len, packing=args.packing_samples)
-    train_set, eval_set = A.load_datasets(args, build)
+    train_set, eval_set = load_datasets(args, build)
     if not args.vanilla_loss:
         log.info("train data: %d desirable and %d undesirable answers", train_set.num_desirable,
                  len(train_set) - train_set.num_desirable)
@@ -106,4 +108,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    A.run(main)
+    run(main)

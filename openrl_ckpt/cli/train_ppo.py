@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.loading import load_blended_dataset
 from openrl_ckpt.data.prompts import tokenize_prompts
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
@@ -268,4 +269,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    A.run(main)
+    run(main)

@@ -10,6 +10,7 @@ import logging
 from functools import partial
 
 from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.collate import pack_collate, pad_collate
 from openrl_ckpt.data.loading import load_blended_dataset
 from openrl_ckpt.data.sampler import steps_per_epoch
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    A.run(main)
+    run(main)

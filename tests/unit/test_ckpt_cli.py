@@ -16,7 +16,7 @@ from openrl_ckpt.checkpoint.inspect import BEST_KEY, EVAL_KEY, HF_DIR, best_chec
 from openrl_ckpt.checkpoint.manager import MANIFEST, CheckpointManager
 from openrl_ckpt.checkpoint.state import STATE_FILE, TrainState
 from openrl_ckpt.cli import ckpt, lora_combiner
-from openrl_ckpt.cli.args import run
+from openrl_ckpt.cli.entry import run
 
 
 def state(step: int) -> TrainState:
