@@ -1,14 +1,13 @@
-"""The shared flag groups (OpenRLHF's names), and the CLI wrapper that turns user errors into one line."""
+"""The shared flag groups (OpenRLHF's names) and the configs built from them."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from openrl_ckpt.checkpoint.config import BestMode, CheckpointConfig, SaveErrorPolicy
+from openrl_ckpt.cli.entry import is_rank_0
 from openrl_ckpt.errors import UserError
 
 if TYPE_CHECKING:
@@ -18,18 +17,11 @@ if TYPE_CHECKING:
     from openrl_ckpt.trainers.base import LoopConfig
     from openrl_ckpt.trainers.progress import TrackerConfig
 
-log = logging.getLogger("openrl_ckpt")
-
-
-def _is_rank_0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (printed once, by rank 0)."""
 
     def error(self, message: str) -> NoReturn:
-        if _is_rank_0():
+        if is_rank_0():
             print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
@@ -184,40 +176,6 @@ def tracker_config(args: argparse.Namespace) -> "TrackerConfig":
                          use_tensorboard=args.use_tensorboard, run_config=vars(args))
 
 
-def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Run a CLI main: user errors become ``error: ...`` on one line and a non-zero exit; a run
-    stopped by SIGTERM/SIGUSR1 exits 0 once its checkpoint is committed (the loop logged which)."""
-    from openrl_ckpt.checkpoint.manager import CheckpointError
-    from openrl_ckpt.checkpoint.preemption import Preempted
-
-    try:
-        main(argv)
-    except Preempted as e:
-        sys.exit(e.exit_code)
-    except UserError as e:
-        if _is_rank_0():
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except CheckpointError as e:  # raised on all ranks together: say it once
-        if _is_rank_0():
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        import torch.distributed as dist
-
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:
-            dist.destroy_process_group()
-    if argv is None and distributed:
-        # A finished launch (checkpoint committed, model saved, trackers closed) skips interpreter
-        # teardown: a torch thread destroyed there aborted one finished run of ~70 in the test suite
-        # ("terminate called without an active exception", exit 250).
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
 # ---------------------------------------------------------------------------- preference trainers
 
 def add_preference_args(p: argparse.ArgumentParser) -> None:
@@ -240,19 +198,3 @@ def preference_config(args: argparse.Namespace) -> "PreferenceConfig":
 
     return PreferenceConfig(prompt_key=args.prompt_key, chosen_key=args.chosen_key, rejected_key=args.rejected_key,
                             input_template=args.input_template, apply_chat_template=args.apply_chat_template)
-
-
-def load_datasets(args: argparse.Namespace, build: Callable[..., tuple[Any, Any]]) -> tuple[Any, Any]:
-    """The --dataset blend and the --eval_dataset (None without one), each through ``build(raw, source=...)``."""
-    from openrl_ckpt.data.loading import load_blended_dataset
-
-    raw = load_blended_dataset(args.dataset, args.dataset_probs, seed=args.seed, max_samples=args.max_samples,
-                               split=args.dataset_split)
-    train_set, stats = build(raw, source=args.dataset)
-    log.info("train data: %s", stats)
-    if not args.eval_dataset:
-        return train_set, None
-    raw = load_blended_dataset(args.eval_dataset, None, seed=args.seed, split=args.eval_split, flag="--eval_dataset")
-    eval_set, stats = build(raw, source=args.eval_dataset)
-    log.info("eval data: %s", stats)
-    return train_set, eval_set

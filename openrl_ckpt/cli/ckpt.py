@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openrl_ckpt.checkpoint import inspect as I
-from openrl_ckpt.cli.args import Parser, run
+from openrl_ckpt.cli.args import Parser
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.errors import UserError
 
 if TYPE_CHECKING:
@@ -213,17 +214,17 @@ def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge
     """One engine of a verified checkpoint as a Hugging Face folder (a PEFT adapter for a LoRA run,
     or merged into its base with ``merge_lora``), written to a temp folder and renamed to ``output``."""
     from openrl_ckpt.checkpoint.files import read_manifest
-    from openrl_ckpt.models import export as M
+    from openrl_ckpt.models import export as model_export
     from openrl_ckpt.strategy.hf import DTYPES, dtype_name, read_engine_weights
 
-    M.check_new_output(output)
-    M.quiet_progress_bars()
+    model_export.check_new_output(output)
+    model_export.quiet_progress_bars()
     tag = _pick_engine(path, tag)
     hf_dir = path / I.HF_DIR / tag
     if not hf_dir.is_dir():
         raise UserError(f"{path} has no {I.HF_DIR}/{tag}/ (config and tokenizer recorded at save time), "
                         f"so it cannot be exported")
-    adapter = M.is_adapter(hf_dir)
+    adapter = model_export.is_adapter(hf_dir)
     if merge_lora and not adapter:
         raise UserError(f"--merge_lora: {path.name}/{tag} is not a LoRA run (no adapter config)")
     want = DTYPES[dtype] if dtype else None
@@ -233,7 +234,7 @@ def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge
         train_dtype, state_dict = weights.train_dtype, weights.state_dict
         source = f"ZeRO-{weights.zero_stage} {weights.source} weights"
     elif I.has_hf_weights(hf_dir):  # --disable_ds_ckpt: the Hugging Face copy is all there is
-        train_dtype, state_dict, source = M.saved_dtype_of(hf_dir), None, "the Hugging Face copy"
+        train_dtype, state_dict, source = model_export.saved_dtype_of(hf_dir), None, "the Hugging Face copy"
     else:
         raise UserError(f"{path.name}/{tag} holds neither DeepSpeed engine files nor a Hugging Face copy with weights")
     out_dtype = want or train_dtype
@@ -242,9 +243,9 @@ def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge
           f"in {dtype_name(out_dtype)} to {output}")
     if not (hf_dir / "tokenizer_config.json").exists() and not merge_lora:  # a merge takes the base's
         print(f"note: {path.name} recorded no tokenizer, so {output} has none")
-    with M.atomic_output(output) as tmp:
+    with model_export.atomic_output(output) as tmp:
         if merge_lora:
-            adapter_cfg = json.loads((hf_dir / M.ADAPTER_CONFIG).read_text())
+            adapter_cfg = json.loads((hf_dir / model_export.ADAPTER_CONFIG).read_text())
             given = base is not None
             base = base or adapter_cfg.get("base_model_name_or_path") or (
                 read_manifest(path).get("meta") or {}).get("pretrain")
@@ -257,8 +258,8 @@ def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge
                                 f"folder here: pass --base DIR")
             with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".adapter-") as adapter_dir:
                 _write(Path(adapter_dir), state_dict, hf_dir, adapter, out_dtype, train_dtype)
-                M.merge_lora(base, Path(adapter_dir), tmp, dtype=out_dtype, is_rm=is_rm,
-                             head_prefix=heads[0] if is_rm else "score")
+                model_export.merge_lora(base, Path(adapter_dir), tmp, dtype=out_dtype, is_rm=is_rm,
+                                        head_prefix=heads[0] if is_rm else "score")
         else:
             _write(tmp, state_dict, hf_dir, adapter, out_dtype, train_dtype)
     print(f"wrote {output}")
@@ -266,14 +267,14 @@ def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge
 
 def _write(out: Path, state_dict: dict[str, torch.Tensor] | None, hf_dir: Path, adapter: bool, dtype: torch.dtype,
            train_dtype: torch.dtype) -> None:
-    from openrl_ckpt.models import export as M
+    from openrl_ckpt.models import export as model_export
 
     if state_dict is None:
-        M.copy_hf_folder(hf_dir, out, dtype)
+        model_export.copy_hf_folder(hf_dir, out, dtype)
     elif adapter:
-        M.write_adapter(state_dict, hf_dir, out)
+        model_export.write_adapter(state_dict, hf_dir, out)
     else:
-        M.write_full_model(state_dict, hf_dir, out, dtype, train_dtype)
+        model_export.write_full_model(state_dict, hf_dir, out, dtype, train_dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

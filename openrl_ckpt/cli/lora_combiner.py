@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from openrl_ckpt.cli.args import Parser, run
+from openrl_ckpt.cli.args import Parser
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.errors import UserError
 
 

@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from functools import partial
 
-from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli import args as cli_args
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.collate import pair_collate
+from openrl_ckpt.data.loading import load_datasets
 from openrl_ckpt.data.preference_dataset import build_preference_dataset
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.templates import apply_tokenizer_chat_template, check_input_template
@@ -27,17 +30,17 @@ from openrl_ckpt.utils.tracking import setup_logging
 log = logging.getLogger("openrl_ckpt")
 
 
-def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
-    p = A.Parser(prog="train_dpo", description=__doc__.splitlines()[0])
-    A.add_model_args(p)
-    A.add_data_args(p)
-    A.add_preference_args(p)
-    A.add_train_args(p)
-    A.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_dpo")
-    A.add_logging_args(p)
-    A.add_reference_args(p)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = cli_args.Parser(prog="train_dpo", description=__doc__.splitlines()[0])
+    cli_args.add_model_args(p)
+    cli_args.add_data_args(p)
+    cli_args.add_preference_args(p)
+    cli_args.add_train_args(p)
+    cli_args.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_dpo")
+    cli_args.add_logging_args(p)
+    cli_args.add_reference_args(p)
     g = p.add_argument_group("dpo")
-    A.bool_flag(g, "--ipo", "IPO loss: (h - 1/(2 beta))^2 on per-token average log-probabilities")
+    cli_args.bool_flag(g, "--ipo", "IPO loss: (h - 1/(2 beta))^2 on per-token average log-probabilities")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="cDPO: assumed rate of flipped labels")
     g.add_argument("--nll_loss_coef", type=float, default=0.0, help="weight of an NLL loss on chosen answers")
     return p.parse_args(argv)
@@ -56,23 +59,24 @@ def main(argv: list[str] | None = None) -> None:
         dpo_loss, beta=args.beta, label_smoothing=args.label_smoothing)
 
     # 1. strategy: process group and batch arithmetic
-    strategy = DeepspeedStrategy(A.strategy_config(args))
+    strategy = DeepspeedStrategy(cli_args.strategy_config(args))
     strategy.setup_distributed()
     setup_logging(strategy.rank)
 
     # 2. tokenizer and pairs (before the models: bad data fails in seconds)
     tokenizer = load_tokenizer(args.pretrain)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
-    build = partial(build_preference_dataset, tokenizer=tokenizer, cfg=A.preference_config(args), max_len=args.max_len)
-    train_set, eval_set = A.load_datasets(args, build)
+    build = partial(build_preference_dataset, tokenizer=tokenizer, cfg=cli_args.preference_config(args),
+                    max_len=args.max_len)
+    train_set, eval_set = load_datasets(args, build)
 
     # 3. policy and frozen reference (not checkpointed: reloaded from --ref_pretrain, checked on resume)
     strategy.before_model_load()
-    model = load_causal_lm(A.model_config(args))
+    model = load_causal_lm(cli_args.model_config(args))
     fingerprint = model_fingerprint(model)
-    reference, reference_id = load_frozen(A.model_config(args, pretrain=args.ref_pretrain or args.pretrain),
+    reference, reference_id = load_frozen(cli_args.model_config(args, pretrain=args.ref_pretrain or args.pretrain),
                                              strategy, offload=args.ref_offload)
-    engine = strategy.prepare(model, A.optim_config(args),
+    engine = strategy.prepare(model, cli_args.optim_config(args),
                               steps_per_epoch(len(train_set), args.train_batch_size) * args.max_epochs)
 
     # 4. resume + fit
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(
         strategy, engine, algo, train_set,
         partial(pair_collate, pad_token_id=tokenizer.pad_token_id, packing=args.packing_samples),
-        A.loop_config(args, "dpo"), A.tracker_config(args), fingerprint,
+        cli_args.loop_config(args, "dpo"), cli_args.tracker_config(args), fingerprint,
         eval_set=eval_set, eval_collate=partial(pair_collate, pad_token_id=tokenizer.pad_token_id),
         ckpt_meta={"pretrain": args.pretrain, "ref_pretrain": reference_id["path"]}, tokenizer=tokenizer)
     trainer.fit()
@@ -91,4 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    A.run(main)
+    run(main)

@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from functools import partial
 
-from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli import args as cli_args
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.collate import kto_collate, pair_collate
+from openrl_ckpt.data.loading import load_datasets
 from openrl_ckpt.data.preference_dataset import (LabelledConfig, build_labelled_dataset, build_preference_dataset,
                                                  split_pairs)
 from openrl_ckpt.data.sampler import steps_per_epoch
@@ -27,19 +30,19 @@ from openrl_ckpt.utils.tracking import setup_logging
 log = logging.getLogger("openrl_ckpt")
 
 
-def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
-    p = A.Parser(prog="train_kto", description=__doc__.splitlines()[0])
-    A.add_model_args(p)
-    A.add_data_args(p)
-    A.add_preference_args(p)
-    A.add_train_args(p)
-    A.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_kto")
-    A.add_logging_args(p)
-    A.add_reference_args(p)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = cli_args.Parser(prog="train_kto", description=__doc__.splitlines()[0])
+    cli_args.add_model_args(p)
+    cli_args.add_data_args(p)
+    cli_args.add_preference_args(p)
+    cli_args.add_train_args(p)
+    cli_args.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_kto")
+    cli_args.add_logging_args(p)
+    cli_args.add_reference_args(p)
     g = p.add_argument_group("kto")
-    A.bool_flag(g, "--unpaired_preference", "rows of (--input_key, --output_key, --label_key) instead of pairs")
+    cli_args.bool_flag(g, "--unpaired_preference", "rows of (--input_key, --output_key, --label_key) instead of pairs")
     g.add_argument("--label_key", default="label", help="true/1: desirable answer, false/0: undesirable")
-    A.bool_flag(g, "--vanilla_loss", "paired batches: each side's reference point is the other side's KL")
+    cli_args.bool_flag(g, "--vanilla_loss", "paired batches: each side's reference point is the other side's KL")
     g.add_argument("--desirable_loss_weight", type=float, default=1.0)
     g.add_argument("--undesirable_loss_weight", type=float, default=1.0)
     return p.parse_args(argv)
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--unpaired_preference needs --output_key (the answer) and --label_key")
 
     # 1. strategy: process group and batch arithmetic
-    strategy = DeepspeedStrategy(A.strategy_config(args))
+    strategy = DeepspeedStrategy(cli_args.strategy_config(args))
     strategy.setup_distributed()
     setup_logging(strategy.rank)
     if not args.vanilla_loss and args.micro_train_batch_size == 1:
@@ -67,29 +70,29 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.pretrain)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     if args.vanilla_loss:  # pairs: B desirable and B undesirable answers in every batch
-        build = partial(build_preference_dataset, tokenizer=tokenizer, cfg=A.preference_config(args),
+        build = partial(build_preference_dataset, tokenizer=tokenizer, cfg=cli_args.preference_config(args),
                         max_len=args.max_len)
         collate = partial(pair_collate, pad_token_id=tokenizer.pad_token_id, packing=args.packing_samples)
     else:
         build = partial(build_labelled_dataset, cfg=LabelledConfig(
             input_key=args.input_key, output_key=args.output_key, label_key=args.label_key,
             input_template=args.input_template, apply_chat_template=args.apply_chat_template),
-        ) if args.unpaired_preference else partial(split_pairs, cfg=A.preference_config(args))
+        ) if args.unpaired_preference else partial(split_pairs, cfg=cli_args.preference_config(args))
         build = partial(build, tokenizer=tokenizer, max_len=args.max_len)
         collate = partial(kto_collate, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                           max_len=args.max_len, packing=args.packing_samples)
-    train_set, eval_set = A.load_datasets(args, build)
+    train_set, eval_set = load_datasets(args, build)
     if not args.vanilla_loss:
         log.info("train data: %d desirable and %d undesirable answers", train_set.num_desirable,
                  len(train_set) - train_set.num_desirable)
 
     # 3. policy and frozen reference (not checkpointed: reloaded from --ref_pretrain, checked on resume)
     strategy.before_model_load()
-    model = load_causal_lm(A.model_config(args))
+    model = load_causal_lm(cli_args.model_config(args))
     fingerprint = model_fingerprint(model)
-    reference, reference_id = load_frozen(A.model_config(args, pretrain=args.ref_pretrain or args.pretrain),
+    reference, reference_id = load_frozen(cli_args.model_config(args, pretrain=args.ref_pretrain or args.pretrain),
                                              strategy, offload=args.ref_offload)
-    engine = strategy.prepare(model, A.optim_config(args),
+    engine = strategy.prepare(model, cli_args.optim_config(args),
                               steps_per_epoch(len(train_set), args.train_batch_size) * args.max_epochs)
 
     # 4. resume + fit
@@ -97,8 +100,9 @@ def main(argv: list[str] | None = None) -> None:
                         desirable_weight=args.desirable_loss_weight, undesirable_weight=args.undesirable_loss_weight,
                         vanilla=args.vanilla_loss, mean_over_ranks=lambda v: strategy.all_reduce({"v": v})["v"],
                         reference_identity=reference_id)
-    trainer = Trainer(strategy, engine, algo, train_set, collate, A.loop_config(args, "kto"), A.tracker_config(args),
-                      fingerprint, eval_set=eval_set, eval_collate=partial(collate, packing=False),
+    trainer = Trainer(strategy, engine, algo, train_set, collate, cli_args.loop_config(args, "kto"),
+                      cli_args.tracker_config(args), fingerprint, eval_set=eval_set,
+                      eval_collate=partial(collate, packing=False),
                       ckpt_meta={"pretrain": args.pretrain, "ref_pretrain": reference_id["path"]}, tokenizer=tokenizer)
     trainer.fit()
 
@@ -107,4 +111,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    A.run(main)
+    run(main)

@@ -11,13 +11,15 @@ from dataclasses import replace
 from typing import Any
 
 from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.loading import load_blended_dataset
+from openrl_ckpt.data.prompts import tokenize_prompts
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
-from openrl_ckpt.data.templates import (TemplateConfig, apply_tokenizer_chat_template, check_input_template,
-                                        render_prompt)
+from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, check_input_template
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.inference.generation import SamplingConfig
 from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
+from openrl_ckpt.models.loss import KLEstimator
 from openrl_ckpt.models.reward import load_reward_model
 from openrl_ckpt.models.tokenizers import tokenizer_difference
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
@@ -74,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
     g.add_argument("--init_kl_coef", type=float, default=0.01, help="0: no reference model, no KL penalty")
     g.add_argument("--kl_target", type=float, default=None, help="adaptive KL coefficient towards this KL")
     g.add_argument("--kl_horizon", type=int, default=10000)
-    g.add_argument("--kl_estimator", choices=["k1", "k2", "k3"], default="k1")
+    g.add_argument("--kl_estimator", choices=[e.value for e in KLEstimator], default=KLEstimator.K1.value)
     g.add_argument("--gamma", type=float, default=1.0)
     g.add_argument("--lambd", type=float, default=0.95)
     g.add_argument("--eps_clip", type=float, default=0.2)
@@ -158,16 +160,13 @@ def load_prompts(args: A.argparse.Namespace, tokenizer: Any) -> list[dict[str, A
                                split=args.prompt_split, flag="--prompt_data")
     template = TemplateConfig(input_key=args.input_key, output_key=None, input_template=args.input_template,
                               apply_chat_template=args.apply_chat_template)
-    texts = [render_prompt(raw[i], template, tokenizer, where=f"{args.prompt_data} row {i + 1}")
-             for i in range(len(raw))]
-    ids = tokenizer(texts, add_special_tokens=not args.apply_chat_template, return_attention_mask=False)["input_ids"]
-    kept = [{"input_ids": x, "index": i} for i, x in enumerate(ids) if 0 < len(x) <= args.prompt_max_len]
+    kept = tokenize_prompts(raw, range(len(raw)), template, tokenizer, args.prompt_data, args.prompt_max_len)
     if not kept:
-        raise UserError(f"--prompt_data {args.prompt_data}: all {len(ids)} prompts are empty or longer than "
+        raise UserError(f"--prompt_data {args.prompt_data}: all {len(raw)} prompts are empty or longer than "
                         f"--prompt_max_len {args.prompt_max_len} tokens")
-    log.info("prompts: %d of %d kept (%d empty or longer than --prompt_max_len %d)", len(kept), len(ids),
-             len(ids) - len(kept), args.prompt_max_len)
-    return kept
+    log.info("prompts: %d of %d kept (%d empty or longer than --prompt_max_len %d)", len(kept), len(raw),
+             len(raw) - len(kept), args.prompt_max_len)
+    return [{"input_ids": prompt.ids, "index": prompt.row} for prompt in kept]
 
 
 def load_pretrain_data(args: A.argparse.Namespace, tokenizer: Any) -> Any:
@@ -248,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     ppo = PPOConfig(rollout_batch_size=args.rollout_batch_size, micro_rollout_batch_size=args.micro_rollout_batch_size,
                     n_samples_per_prompt=args.n_samples_per_prompt, micro_train_batch_size=args.micro_train_batch_size,
                     max_epochs=args.max_epochs, num_episodes=args.num_episodes, sampling=sampling,
-                    kl_estimator=args.kl_estimator, gamma=args.gamma, lambd=args.lambd, eps_clip=args.eps_clip,
+                    kl_estimator=KLEstimator(args.kl_estimator), gamma=args.gamma, lambd=args.lambd, eps_clip=args.eps_clip,
                     value_clip=args.value_clip if args.value_clip > 0 else None,
                     normalize_reward=args.normalize_reward, reward_clip_range=tuple(args.reward_clip_range),
                     advantage_estimator=estimator, freezing_actor_steps=args.freezing_actor_steps,
@@ -274,4 +273,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    A.run(main)
+    run(main)

@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 from functools import partial
 
-from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli import args as cli_args
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.collate import pair_collate
+from openrl_ckpt.data.loading import load_datasets
 from openrl_ckpt.data.preference_dataset import build_preference_dataset
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.templates import apply_tokenizer_chat_template, check_input_template
@@ -30,21 +33,21 @@ log = logging.getLogger("openrl_ckpt")
 LOSSES = {"sigmoid": pairwise_sigmoid_loss, "logexp": pairwise_logexp_loss}
 
 
-def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
-    p = A.Parser(prog="train_rm", description=__doc__.splitlines()[0])
-    A.add_model_args(p)
-    A.add_data_args(p)
-    A.add_preference_args(p)
-    A.add_train_args(p)
-    A.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_rm")
-    A.add_logging_args(p)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = cli_args.Parser(prog="train_rm", description=__doc__.splitlines()[0])
+    cli_args.add_model_args(p)
+    cli_args.add_data_args(p)
+    cli_args.add_preference_args(p)
+    cli_args.add_train_args(p)
+    cli_args.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_rm")
+    cli_args.add_logging_args(p)
     g = p.add_argument_group("reward model")
     g.add_argument("--value_head_prefix", "--head_prefix", dest="value_head_prefix", default="score",
                    help="name of the reward head's weights")
     g.add_argument("--loss", choices=sorted(LOSSES), default="sigmoid",
                    help="sigmoid: -log sigmoid(c - r - margin); logexp: log(1 + exp(r - c + margin))")
-    A.bool_flag(g, "--compute_fp32_loss", "compute the loss on fp32 rewards (with --bf16)")
-    A.bool_flag(g, "--normalize_reward", "store the eval set's reward mean and std in the saved model")
+    cli_args.bool_flag(g, "--compute_fp32_loss", "compute the loss on fp32 rewards (with --bf16)")
+    cli_args.bool_flag(g, "--normalize_reward", "store the eval set's reward mean and std in the saved model")
     return p.parse_args(argv)
 
 
@@ -55,28 +58,29 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--normalize_reward needs --eval_dataset: the reward mean and std are computed on it")
 
     # 1. strategy: process group and batch arithmetic
-    strategy = DeepspeedStrategy(A.strategy_config(args))
+    strategy = DeepspeedStrategy(cli_args.strategy_config(args))
     strategy.setup_distributed()
     setup_logging(strategy.rank)
 
     # 2. tokenizer and pairs (before the model: bad data fails in seconds)
     tokenizer = load_tokenizer(args.pretrain)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
-    build = partial(build_preference_dataset, tokenizer=tokenizer, cfg=A.preference_config(args), max_len=args.max_len)
-    train_set, eval_set = A.load_datasets(args, build)
+    build = partial(build_preference_dataset, tokenizer=tokenizer, cfg=cli_args.preference_config(args),
+                    max_len=args.max_len)
+    train_set, eval_set = load_datasets(args, build)
 
     # 3. model: the backbone of --pretrain with a scalar head
     strategy.before_model_load()
-    model = load_reward_model(A.model_config(args), args.value_head_prefix, require_head=False)
+    model = load_reward_model(cli_args.model_config(args), args.value_head_prefix, require_head=False)
     fingerprint = model_fingerprint(model)
-    engine = strategy.prepare(model, A.optim_config(args),
+    engine = strategy.prepare(model, cli_args.optim_config(args),
                               steps_per_epoch(len(train_set), args.train_batch_size) * args.max_epochs)
 
     # 4. resume + fit
     collate = partial(pair_collate, pad_token_id=tokenizer.pad_token_id, packing=args.packing_samples)
     trainer = Trainer(
         strategy, engine, RewardModelAlgorithm(engine, strategy.device, LOSSES[args.loss], args.compute_fp32_loss),
-        train_set, collate, A.loop_config(args, "rm"), A.tracker_config(args), fingerprint,
+        train_set, collate, cli_args.loop_config(args, "rm"), cli_args.tracker_config(args), fingerprint,
         eval_set=eval_set, eval_collate=partial(pair_collate, pad_token_id=tokenizer.pad_token_id),
         ckpt_meta={"pretrain": args.pretrain}, tokenizer=tokenizer)
     trainer.fit()
@@ -93,4 +97,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    A.run(main)
+    run(main)

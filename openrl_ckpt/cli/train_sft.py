@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from functools import partial
 
-from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli import args as cli_args
+from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.collate import pack_collate, pad_collate
 from openrl_ckpt.data.loading import load_blended_dataset
 from openrl_ckpt.data.sampler import steps_per_epoch
@@ -25,15 +27,15 @@ from openrl_ckpt.utils.tracking import setup_logging
 log = logging.getLogger("openrl_ckpt")
 
 
-def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
-    p = A.Parser(prog="train_sft", description=__doc__.splitlines()[0])
-    A.add_model_args(p)
-    A.add_data_args(p)
-    A.add_train_args(p)
-    A.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_sft")
-    A.add_logging_args(p)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = cli_args.Parser(prog="train_sft", description=__doc__.splitlines()[0])
+    cli_args.add_model_args(p)
+    cli_args.add_data_args(p)
+    cli_args.add_train_args(p)
+    cli_args.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_sft")
+    cli_args.add_logging_args(p)
     g = p.add_argument_group("sft")
-    A.bool_flag(g, "--pretrain_mode", "continued pre-training: loss on every token, --output_key optional")
+    cli_args.bool_flag(g, "--pretrain_mode", "continued pre-training: loss on every token, --output_key optional")
     return p.parse_args(argv)
 
 
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     check_input_template(args.input_template)
 
     # 1. strategy: process group and batch arithmetic
-    strategy = DeepspeedStrategy(A.strategy_config(args))
+    strategy = DeepspeedStrategy(cli_args.strategy_config(args))
     strategy.setup_distributed()
     setup_logging(strategy.rank)
 
@@ -66,18 +68,18 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. model
     strategy.before_model_load()
-    model = load_causal_lm(A.model_config(args))
+    model = load_causal_lm(cli_args.model_config(args))
     fingerprint = model_fingerprint(model)
 
     # 4. prepare: engine with optimizer and schedule over the whole run
-    engine = strategy.prepare(model, A.optim_config(args),
+    engine = strategy.prepare(model, cli_args.optim_config(args),
                               steps_per_epoch(len(train_set), args.train_batch_size) * args.max_epochs)
 
     # 5. resume + fit
     collate = pack_collate if args.packing_samples else partial(pad_collate, pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer(
         strategy, engine, SFTAlgorithm(engine, strategy.device, args.aux_loss_coef), train_set, collate,
-        A.loop_config(args, "sft"), A.tracker_config(args),
+        cli_args.loop_config(args, "sft"), cli_args.tracker_config(args),
         fingerprint, eval_set=eval_set, eval_collate=partial(pad_collate, pad_token_id=tokenizer.pad_token_id),
         ckpt_meta={"pretrain": args.pretrain}, tokenizer=tokenizer)
     trainer.fit()
@@ -87,4 +89,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    A.run(main)
+    run(main)

@@ -1,4 +1,5 @@
-"""Load the ``--dataset`` sources and blend them by ``--dataset_probs``.
+"""Load the ``--dataset`` sources and blend them by ``--dataset_probs``; the train and eval datasets
+the CLIs build from their data flags.
 
 A source is a local file (.json, .jsonl, .parquet, .csv), a directory written by
 ``datasets.save_to_disk``, a directory of such data files, or a Hugging Face hub name.
@@ -10,10 +11,13 @@ column read ``None`` there); a column whose type differs between sources is an e
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import datasets
 import pyarrow as pa
@@ -24,6 +28,8 @@ from openrl_ckpt.errors import UserError
 
 DATA_FILE_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 _LOOKS_LIKE_FILE = re.compile(r"\.[A-Za-z][A-Za-z0-9]*$")
+
+log = logging.getLogger("openrl_ckpt")
 
 
 def load_blended_dataset(
@@ -60,6 +66,24 @@ def load_blended_dataset(
         stopping_strategy="all_exhausted",
     )
     return _take(blended, max_samples)
+
+
+def load_dataset_from_flags(args: argparse.Namespace) -> datasets.Dataset:
+    """The blend the shared data flags name: --dataset, --dataset_probs, --dataset_split, --max_samples."""
+    return load_blended_dataset(args.dataset, args.dataset_probs, seed=args.seed, max_samples=args.max_samples,
+                                split=args.dataset_split)
+
+
+def load_datasets(args: argparse.Namespace, build: Callable[..., tuple[Any, Any]]) -> tuple[Any, Any]:
+    """The --dataset blend and the --eval_dataset (None without one), each through ``build(raw, source=...)``."""
+    train_set, stats = build(load_dataset_from_flags(args), source=args.dataset)
+    log.info("train data: %s", stats)
+    if not args.eval_dataset:
+        return train_set, None
+    raw = load_blended_dataset(args.eval_dataset, None, seed=args.seed, split=args.eval_split, flag="--eval_dataset")
+    eval_set, stats = build(raw, source=args.eval_dataset)
+    log.info("eval data: %s", stats)
+    return train_set, eval_set
 
 
 def _parse_probs(probs_arg: str | None, n_sources: int, flag: str) -> list[float]:

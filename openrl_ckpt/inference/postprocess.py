@@ -5,6 +5,7 @@ go to the row that comes first in the file, inputs keep the order of their first
 
 from __future__ import annotations
 
+import enum
 import math
 import string
 from dataclasses import dataclass
@@ -12,7 +13,16 @@ from typing import Any
 
 from openrl_ckpt.errors import UserError
 
-POST_PROCESSORS = ("rs", "ca", "csft", "iter_dpo")
+
+class PostProcessor(str, enum.Enum):
+    """``--post_processor``: what the rm task writes instead of every scored row."""
+
+    RS = "rs"  # rejection_sampling
+    CA = "ca"  # conditional_sft
+    CSFT = "csft"  # the same as ca, OpenRLHF's other name for it
+    ITER_DPO = "iter_dpo"  # iterative_dpo_pairs
+
+
 DEFAULT_REWARD_TEMPLATE = "{input} <rm_score>: {reward:.2f} "
 
 Row = dict[str, Any]

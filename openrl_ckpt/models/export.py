@@ -11,15 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from openrl_ckpt.errors import UserError
+from openrl_ckpt.utils.atomic import atomic_folder
 
 log = logging.getLogger("openrl_ckpt")
 
@@ -61,21 +60,11 @@ def atomic_output(output: str | Path, flag: str = "--output") -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{flag} {out}: cannot create its parent folder ({e.strerror or e})") from None
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.mkdir()
-        yield tmp
-        for dirpath, _, names in os.walk(tmp):
-            for name in names:
-                with open(Path(dirpath) / name, "rb") as f:
-                    os.fsync(f.fileno())
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
+        with atomic_folder(out) as tmp:
+            yield tmp
     except OSError as e:
         raise UserError(f"{flag} {out}: cannot write ({e.strerror or e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def copy_non_weight_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:

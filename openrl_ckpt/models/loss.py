@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 import torch
 import torch.nn.functional as F
 
@@ -113,17 +115,24 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from sampled tokens, with x = logp - ref_logp:
-    k1 = x, k2 = x^2 / 2, k3 = exp(-x) - 1 + x (unbiased and never negative)."""
+class KLEstimator(str, enum.Enum):
+    """``--kl_estimator``: per-token estimates of KL(policy || reference) from sampled tokens, x = logp - ref_logp."""
+
+    K1 = "k1"  # x
+    K2 = "k2"  # x^2 / 2
+    K3 = "k3"  # exp(-x) - 1 + x: unbiased and never negative
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator | str) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference); ``estimator`` is a KLEstimator or its value
+    (an unknown value is a ValueError)."""
+    estimator = KLEstimator(estimator)
     x = logp.float() - ref_logp.float()
-    if estimator == "k1":
+    if estimator is KLEstimator.K1:
         return x
-    if estimator == "k2":
+    if estimator is KLEstimator.K2:
         return 0.5 * x * x
-    if estimator == "k3":
-        return torch.expm1(-x) + x
-    raise ValueError(f"unknown KL estimator {estimator!r}")
+    return torch.expm1(-x) + x
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,

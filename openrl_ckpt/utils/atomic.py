@@ -9,6 +9,7 @@ the new, never half of one. Every writer in the project goes through these two h
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import uuid
@@ -20,6 +21,11 @@ from typing import IO
 def temp_sibling(target: Path, kind: str = "tmp") -> Path:
     """A hidden name beside ``target`` that no reader takes for it: ``.<name>.<kind>-<random>``."""
     return target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}")
+
+
+def stale_temp_siblings(target: Path, kind: str = "tmp") -> list[Path]:
+    """The ``temp_sibling`` names beside ``target`` that exist: what killed writers left behind."""
+    return sorted(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"))
 
 
 def fsync_dir(path: Path) -> None:

@@ -38,7 +38,7 @@ def run_and_clean(cmd: list[str], **kwargs) -> Result:
 def ckpt_cli(*argv: str, capsys) -> tuple[int, str, str]:
     """The ckpt CLI in this process (as `python -m openrl_ckpt.cli.ckpt` runs it): exit code, stdout, stderr."""
     from openrl_ckpt.cli import ckpt
-    from openrl_ckpt.cli.args import run as run_cli
+    from openrl_ckpt.cli.entry import run as run_cli
 
     capsys.readouterr()
     try:

@@ -112,7 +112,7 @@ def test_export_of_a_lora_checkpoint(lora_runs, tmp_path, tiny_dropout_model_dir
     from transformers import AutoModelForCausalLM
 
     from openrl_ckpt.cli import lora_combiner
-    from openrl_ckpt.cli.args import run as run_cli
+    from openrl_ckpt.cli.entry import run as run_cli
 
     assert_ok(lora_runs["resumed"])
     root = lora_runs["root"]

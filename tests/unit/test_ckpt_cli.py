@@ -18,7 +18,7 @@ from openrl_ckpt.checkpoint.files import MANIFEST
 from openrl_ckpt.checkpoint.manager import CheckpointManager
 from openrl_ckpt.checkpoint.state import STATE_FILE, TrainState
 from openrl_ckpt.cli import ckpt, lora_combiner
-from openrl_ckpt.cli.args import run
+from openrl_ckpt.cli.entry import run
 
 
 def state(step: int) -> TrainState:

@@ -107,3 +107,13 @@ def test_packed_samples_leak_without_the_block_mask():
         ).logits[0, 4:]
     torch.testing.assert_close(blocked, isolated, rtol=0, atol=1e-5)
     assert (leaked - isolated).abs().max() > 1e-3
+
+
+def test_left_and_right_padding_on_the_cpu():
+    from openrl_ckpt.data.padding import left_pad, right_pad
+
+    ids, mask = left_pad([[3, 4], [5]], pad_token_id=0)
+    assert ids.tolist() == [[3, 4], [0, 5]] and mask.tolist() == [[1, 1], [0, 1]]
+    ids, mask = right_pad([[3, 4], [5]], pad_token_id=9, width=3)
+    assert ids.tolist() == [[3, 4, 9], [5, 9, 9]] and mask.tolist() == [[1, 1, 0], [1, 0, 0]]
+    assert ids.device.type == "cpu" and ids.dtype == mask.dtype == torch.long

@@ -11,25 +11,25 @@ import pytest
 import torch
 
 from openrl_ckpt.errors import UserError
-from openrl_ckpt.inference import batching as B
-from openrl_ckpt.inference import postprocess as P
+from openrl_ckpt.inference import batching
+from openrl_ckpt.inference import postprocess
 from openrl_ckpt.inference.output import check_output_path, write_jsonl_atomic
 
 # ---------------------------------------------------------------------------- --iter
 
 
 def test_select_rows_slices_and_stops_past_the_end_with_its_own_exit_status():
-    assert B.select_rows(10, None, None) == range(10)
-    assert B.select_rows(10, 0, 4) == range(0, 4)
-    assert B.select_rows(10, 2, 4) == range(8, 10)  # the last slice is shorter
+    assert batching.select_rows(10, None, None) == range(10)
+    assert batching.select_rows(10, 0, 4) == range(0, 4)
+    assert batching.select_rows(10, 2, 4) == range(8, 10)  # the last slice is shorter
     with pytest.raises(UserError, match=r"--iter 3 is past the end .* row 12 .* has 10 rows") as e:
-        B.select_rows(10, 3, 4)
-    assert e.value.exit_code == B.EXIT_DATA_EXHAUSTED == 3
+        batching.select_rows(10, 3, 4)
+    assert e.value.exit_code == batching.EXIT_DATA_EXHAUSTED == 3
     with pytest.raises(UserError, match="needs --rollout_batch_size") as e:
-        B.select_rows(10, 0, None)
+        batching.select_rows(10, 0, None)
     assert e.value.exit_code == 2
     with pytest.raises(UserError, match="--iter must be 0 or more"):
-        B.select_rows(10, -1, 4)
+        batching.select_rows(10, -1, 4)
 
 
 # ---------------------------------------------------------------------------- sharding
@@ -37,32 +37,34 @@ def test_select_rows_slices_and_stops_past_the_end_with_its_own_exit_status():
 
 @pytest.mark.parametrize("n_items,micro,world", [(15, 3, 2), (15, 4, 2), (1, 8, 4), (7, 1, 3), (16, 4, 4), (5, 2, 8)])
 def test_every_item_is_done_exactly_once_and_calls_match_across_ranks(n_items, micro, world):
-    n = B.num_batches(n_items, micro)
+    n = batching.num_batches(n_items, micro)
     done = []
     for rank in range(world):
-        mine = B.rank_batches(n, world, rank)
-        assert len(mine) <= B.calls_per_rank(n, world)  # the rest of a rank's calls are dummies
-        done += [item for b in mine for item in B.batch_items(b, n_items, micro)]
+        mine = batching.rank_batches(n, world, rank)
+        assert len(mine) <= batching.calls_per_rank(n, world)  # the rest of a rank's calls are dummies
+        done += [item for b in mine for item in batching.batch_items(b, n_items, micro)]
     assert sorted(done) == list(range(n_items))
-    assert max(len(B.rank_batches(n, world, r)) for r in range(world)) == B.calls_per_rank(n, world)
+    assert max(len(batching.rank_batches(n, world, r)) for r in range(world)) == batching.calls_per_rank(n, world)
 
 
 def test_batches_and_their_seeds_do_not_depend_on_the_number_of_ranks():
     # batch b holds the same items and gets the same seed whichever rank runs it
-    one = {b: (list(B.batch_items(b, 15, 4)), B.batch_seed(7, 0, b)) for b in B.rank_batches(4, 1, 0)}
-    two = {b: (list(B.batch_items(b, 15, 4)), B.batch_seed(7, 0, b)) for r in (0, 1) for b in B.rank_batches(4, 2, r)}
+    one = {b: (list(batching.batch_items(b, 15, 4)), batching.batch_seed(7, 0, b))
+           for b in batching.rank_batches(4, 1, 0)}
+    two = {b: (list(batching.batch_items(b, 15, 4)), batching.batch_seed(7, 0, b))
+           for r in (0, 1) for b in batching.rank_batches(4, 2, r)}
     assert one == two
-    seeds = {B.batch_seed(s, it, b) for s in (1, 2) for it in (0, 1) for b in range(50)}
+    seeds = {batching.batch_seed(s, it, b) for s in (1, 2) for it in (0, 1) for b in range(50)}
     assert len(seeds) == 200 and all(0 <= x < 2**63 for x in seeds)
 
 
 def test_merge_puts_every_ranks_items_in_order_and_refuses_gaps_or_repeats():
     rank0, rank1 = [(0, "a"), (1, "b"), (4, "e")], [(2, "c"), (3, "d")]
-    assert B.merge_ordered([rank1, rank0], 5) == ["a", "b", "c", "d", "e"]
+    assert batching.merge_ordered([rank1, rank0], 5) == ["a", "b", "c", "d", "e"]
     with pytest.raises(RuntimeError, match="twice"):
-        B.merge_ordered([rank0, [(1, "x")]], 5)
+        batching.merge_ordered([rank0, [(1, "x")]], 5)
     with pytest.raises(RuntimeError, match="lost 2 of 5"):
-        B.merge_ordered([rank0], 5)
+        batching.merge_ordered([rank0], 5)
 
 
 # ---------------------------------------------------------------------------- post-processors
@@ -77,32 +79,32 @@ ROWS = scored(("p1", "a", 0.5), ("p2", "x", 1.0), ("p1", "b", 2.0), ("p1", "c", 
 
 
 def test_rs_keeps_the_best_output_of_each_input_first_on_ties_inputs_in_file_order():
-    assert P.rejection_sampling(ROWS) == scored(("p1", "b", 2.0), ("p2", "x", 1.0), ("p3", "only", 0.0),
-                                                ("p4", "s", 0.3), ("p5", "same", 0.1000001))
+    assert postprocess.rejection_sampling(ROWS) == scored(("p1", "b", 2.0), ("p2", "x", 1.0), ("p3", "only", 0.0),
+                                                          ("p4", "s", 0.3), ("p5", "same", 0.1000001))
 
 
 def test_iter_dpo_pairs_max_against_min_and_counts_what_it_drops():
-    pairs, stats = P.iterative_dpo_pairs(ROWS)
+    pairs, stats = postprocess.iterative_dpo_pairs(ROWS)
     assert pairs == [
         {"prompt": "p1", "chosen": "b", "chosen_reward": 2.0, "rejected": "a", "rejected_reward": 0.5},
         {"prompt": "p2", "chosen": "x", "chosen_reward": 1.0, "rejected": "y", "rejected_reward": -1.0},
     ]
     # p4: equal rewards; p5: one answer twice (scored in two micro batches, the rewards differ in the last bits)
-    assert stats == P.PairStats(pairs=2, single_output=1, no_preference=2)
+    assert stats == postprocess.PairStats(pairs=2, single_output=1, no_preference=2)
 
 
 def test_ca_writes_the_reward_into_the_input_with_the_template():
-    out = P.conditional_sft(scored(("Q: hi", "A", 1.23456), ("Q: yo", "B", -2.0)))
+    out = postprocess.conditional_sft(scored(("Q: hi", "A", 1.23456), ("Q: yo", "B", -2.0)))
     assert out == [{"input": "Q: hi <rm_score>: 1.23 ", "output": "A", "reward": 1.23456},
                    {"input": "Q: yo <rm_score>: -2.00 ", "output": "B", "reward": -2.0}]
-    custom = P.conditional_sft(scored(("{x}", "A", 2.0)), "[{reward:.1f}] {input}")
+    custom = postprocess.conditional_sft(scored(("{x}", "A", 2.0)), "[{reward:.1f}] {input}")
     assert custom[0]["input"] == "[2.0] {x}"  # braces in the data are data, not template fields
 
 
 def test_ca_normalisation_standardises_over_the_file():
-    out = P.conditional_sft(scored(("a", "1", 1.0), ("b", "2", 3.0)), "{input}|{reward:.1f}", normalize=True)
+    out = postprocess.conditional_sft(scored(("a", "1", 1.0), ("b", "2", 3.0)), "{input}|{reward:.1f}", normalize=True)
     assert [r["input"] for r in out] == ["a|-1.0", "b|1.0"] and [r["reward"] for r in out] == [-1.0, 1.0]
-    same = P.conditional_sft(scored(("a", "1", 5.0), ("b", "2", 5.0)), "{input}|{reward:.1f}", normalize=True)
+    same = postprocess.conditional_sft(scored(("a", "1", 5.0), ("b", "2", 5.0)), "{input}|{reward:.1f}", normalize=True)
     assert [r["reward"] for r in same] == [0.0, 0.0]  # zero spread: centred, not divided by zero
 
 
@@ -112,12 +114,12 @@ def test_ca_normalisation_standardises_over_the_file():
                                               ("{input {reward}", "cannot be filled")])
 def test_reward_template_errors(template, message):
     with pytest.raises(UserError, match=message):
-        P.check_reward_template(template)
-    P.check_reward_template(P.DEFAULT_REWARD_TEMPLATE)
+        postprocess.check_reward_template(template)
+    postprocess.check_reward_template(postprocess.DEFAULT_REWARD_TEMPLATE)
 
 
 def test_mean_std_is_the_population_std():
-    assert P.mean_std([1.0, 3.0]) == (2.0, 1.0)
+    assert postprocess.mean_std([1.0, 3.0]) == (2.0, 1.0)
 
 
 # ---------------------------------------------------------------------------- output files

@@ -161,3 +161,20 @@ def test_apply_tokenizer_chat_template_errors(tmp_path):
         apply_tokenizer_chat_template(tokenizer, "missing.jinja")
     with pytest.raises(UserError, match="does not render"):
         apply_tokenizer_chat_template(tokenizer, "{% for m in messages %}")
+
+
+def test_tokenize_prompts_keeps_the_rows_asked_for_that_fit():
+    import datasets
+
+    from openrl_ckpt.data.prompts import TokenizedPrompt, tokenize_prompts
+
+    raw = datasets.Dataset.from_list([{"q": "hi"}, {"q": "skipped row"}, {"q": "far too long"}, {"q": ""}])
+    plain = TemplateConfig(input_key="q", output_key=None, input_template="Q: {}", apply_chat_template=False)
+    tokenizer = build_tokenizer(add_bos=False)
+    kept = tokenize_prompts(raw, [0, 2], plain, tokenizer, "d", max_tokens=6)
+    assert kept == [TokenizedPrompt(row=0, text="Q: hi", ids=[ord(c) - 26 for c in "Q: hi"])]  # one id per char
+    assert tokenize_prompts(raw, [3], PLAIN, tokenizer, "d", max_tokens=6) == []  # no tokens at all
+    # a chat-rendered prompt gets no BOS from the tokenizer: the template writes the special tokens it needs
+    chat = TemplateConfig(input_key="q", output_key=None, input_template=None, apply_chat_template=True)
+    [prompt] = tokenize_prompts(raw, [0], chat, build_tokenizer(add_bos=True), "d", max_tokens=100)
+    assert prompt.text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n" and prompt.ids[0] == 4

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from openrl_ckpt.data.padding import left_pad
 from openrl_ckpt.inference.batching import batch_seed
 from openrl_ckpt.inference.generation import SamplingConfig, generate
-from openrl_ckpt.models.loss import discounted_returns, gae, kl_estimate, token_logprobs
+from openrl_ckpt.models.loss import KLEstimator, discounted_returns, gae, kl_estimate, token_logprobs
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, FrozenModel, ReduceOp
 from openrl_ckpt.trainers.ppo.control import FixedKLController, RunningMoments, group_norm, rloo_baseline
 
@@ -52,7 +53,7 @@ class PPOConfig:
     max_epochs: int  # PPO epochs over each rollout
     num_episodes: int  # passes over the prompt set
     sampling: SamplingConfig
-    kl_estimator: str = "k1"  # the coefficient lives in the KL controller
+    kl_estimator: KLEstimator = KLEstimator.K1  # the coefficient lives in the KL controller
     gamma: float = 1.0
     lambd: float = 0.95
     eps_clip: float = 0.2
@@ -82,16 +83,6 @@ class Experience:
     def inputs(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"input_ids": self.sequences[rows], "attention_mask": self.attention_mask[rows],
                 "position_ids": self.position_ids[rows]}
-
-
-def left_pad(seqs: list[list[int]], pad_token_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    width = width or max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[row, width - len(s):] = 1
-    return ids, mask
 
 
 def action_logprobs(model: Any, inputs: dict[str, torch.Tensor], prompt_len: int) -> torch.Tensor:
