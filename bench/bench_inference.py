@@ -82,7 +82,8 @@ def main() -> None:
     for micro in args.rm_micro:
         before = load()
         run = run_cli(MODULE, ["--eval_task", "rm", "--pretrain", str(rm), "--dataset", str(answers),
-                               "--micro_batch_size", str(micro), "--output_path", str(run_dir / f"rm-micro{micro}.jsonl"),
+                               "--micro_batch_size", str(micro),
+                               "--output_path", str(run_dir / f"rm-micro{micro}.jsonl"),
                                *extra], args.ranks)
         m = re.search(r"rewards of (\d+) rows: .*\(([0-9.]+) rows/s\)", run["text"])
         result["rm"].append({"micro_batch": micro, "rows": int(m.group(1)), "rows_per_s": float(m.group(2)),

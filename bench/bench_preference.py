@@ -1,6 +1,7 @@
 """Preference-training throughput: DPO pairs/s (reference on the device and with --ref_offload) and RM pairs/s.
 
-    python bench/bench_preference.py [--ranks 2] [--zero_stage 2] [--steps 6] [--max_len 256] [--cases dpo,dpo_ref_offload,rm]
+    python bench/bench_preference.py [--ranks 2] [--zero_stage 2] [--steps 6] [--max_len 256]
+                                     [--cases dpo,dpo_ref_offload,rm]
 
 Runs the real CLIs under deepspeed on the shipped preference pairs with the SmolLM2-135M-shaped
 model (random init, built once under --work). Pairs/s is the global batch over the median wall-clock

@@ -84,7 +84,7 @@ def main() -> None:
         resumed_at: list[float] = []
 
         class Reader(StepReader):  # also timestamps the "resumed from" line
-            def step(self, line: str) -> int | None:
+            def step(self, line: str, resumed_at: list[float] = resumed_at, started: float = started) -> int | None:
                 if not resumed_at and "resumed from" in line:
                     resumed_at.append(time.perf_counter() - started)
                 return super().step(line)

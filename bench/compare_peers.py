@@ -39,10 +39,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from bench_sft import REPO, ensure_model, free_port, vm_hwm_gb
 
@@ -100,7 +100,7 @@ class Job:
     tool: str
     cmd: list[str]
     env: dict[str, str]
-    step_reader: "StepReader"
+    step_reader: StepReader
     ckpt: Path | None  # the folder holding global_step*/ (or checkpoint-*/ for TRL)
 
 
@@ -401,7 +401,7 @@ def build_cases(a: argparse.Namespace, model: Path, data: dict[str, tuple[Path, 
               OURS_ASYNC: ours("openrl_ckpt.cli.train_sft", [*ours_sft, *ds2, "--async_save"])},
              batch * sft_tokens, a.save_step, (OURS, OPENRLHF),
              ["save s for --async_save is the time training is blocked (the write goes on in the background)."]),
-        Case("sft_accum", f"SFT as above, with our gradients accumulated in bf16 as OpenRLHF's are "
+        Case("sft_accum", "SFT as above, with our gradients accumulated in bf16 as OpenRLHF's are "
                           "(its --ds.grad_accum_dtype defaults to the model's dtype; ours to fp32)",
              {OPENRLHF: peer("openrlhf.cli.train_sft", peer_sft),
               OURS_BF16_ACCUM: ours("openrl_ckpt.cli.train_sft", [*ours_sft, *ds2, "--grad_accum_dtype", "bf16"])},

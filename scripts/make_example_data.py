@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import random
-from typing import Callable
+from collections.abc import Callable
 
 CAPITALS: list[tuple[str, str]] = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),

@@ -119,7 +119,7 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use_tensorboard", default=None, help="a log folder for tensorboard")
 
 
-def model_config(args: argparse.Namespace, pretrain: str | None = None) -> "ModelConfig":
+def model_config(args: argparse.Namespace, pretrain: str | None = None) -> ModelConfig:
     """The model flags; ``pretrain`` overrides --pretrain (reference, teacher, reward models)."""
     from openrl_ckpt.models.actor import ModelConfig
 
@@ -131,7 +131,7 @@ def model_config(args: argparse.Namespace, pretrain: str | None = None) -> "Mode
                        aux_loss_coef=args.aux_loss_coef)
 
 
-def strategy_config(args: argparse.Namespace) -> "StrategyConfig":
+def strategy_config(args: argparse.Namespace) -> StrategyConfig:
     from openrl_ckpt.strategy.deepspeed import StrategyConfig
 
     return StrategyConfig(seed=args.seed, zero_stage=args.zero_stage, bf16=args.bf16,
@@ -140,7 +140,7 @@ def strategy_config(args: argparse.Namespace) -> "StrategyConfig":
                           grad_accum_dtype=args.grad_accum_dtype)
 
 
-def optim_config(args: argparse.Namespace, learning_rate: float | None = None) -> "OptimConfig":
+def optim_config(args: argparse.Namespace, learning_rate: float | None = None) -> OptimConfig:
     from openrl_ckpt.strategy.deepspeed import OptimConfig
 
     return OptimConfig(learning_rate=args.learning_rate if learning_rate is None else learning_rate,
@@ -148,7 +148,7 @@ def optim_config(args: argparse.Namespace, learning_rate: float | None = None) -
                        lr_warmup_ratio=args.lr_warmup_ratio)
 
 
-def loop_config(args: argparse.Namespace, algorithm: str) -> "LoopConfig":
+def loop_config(args: argparse.Namespace, algorithm: str) -> LoopConfig:
     """The shared loop's settings from the shared flags: every CLI gets new loop flags from here."""
     from openrl_ckpt.trainers.base import LoopConfig
 
@@ -168,7 +168,7 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
                             save_best_mode=BestMode(args.save_best_mode))
 
 
-def tracker_config(args: argparse.Namespace) -> "TrackerConfig":
+def tracker_config(args: argparse.Namespace) -> TrackerConfig:
     from openrl_ckpt.trainers.progress import TrackerConfig
 
     return TrackerConfig(use_wandb=args.use_wandb, wandb_project=args.wandb_project,
@@ -193,7 +193,7 @@ def add_reference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
 
 
-def preference_config(args: argparse.Namespace) -> "PreferenceConfig":
+def preference_config(args: argparse.Namespace) -> PreferenceConfig:
     from openrl_ckpt.data.preference_dataset import PreferenceConfig
 
     return PreferenceConfig(prompt_key=args.prompt_key, chosen_key=args.chosen_key, rejected_key=args.rejected_key,

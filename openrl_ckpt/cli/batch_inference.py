@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import enum
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from openrl_ckpt.cli.args import Parser, bool_flag
 from openrl_ckpt.cli.entry import run

@@ -21,11 +21,12 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from openrl_ckpt.errors import UserError
 
-NO_RESTART = {0: "finished (or stopped after a committed checkpoint)", 2: "a user error; a restart would fail the same way"}
+NO_RESTART = {0: "finished (or stopped after a committed checkpoint)",
+              2: "a user error; a restart would fail the same way"}
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # The lines that say why a run died: our one-line errors and Python exceptions (possibly behind a
 # "[rank1]:" prefix), else the launcher's verdict.

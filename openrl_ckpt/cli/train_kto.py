@@ -14,8 +14,12 @@ from openrl_ckpt.cli import args as cli_args
 from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.collate import kto_collate, pair_collate
 from openrl_ckpt.data.loading import load_datasets
-from openrl_ckpt.data.preference_dataset import (LabelledConfig, build_labelled_dataset, build_preference_dataset,
-                                                 split_pairs)
+from openrl_ckpt.data.preference_dataset import (
+    LabelledConfig,
+    build_labelled_dataset,
+    build_preference_dataset,
+    split_pairs,
+)
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.templates import apply_tokenizer_chat_template, check_input_template
 from openrl_ckpt.errors import UserError

@@ -26,8 +26,8 @@ from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
 from openrl_ckpt.strategy.hf import save_model
 from openrl_ckpt.trainers.common import load_frozen, reference_identity
 from openrl_ckpt.trainers.ppo.control import AdaptiveKLController, FixedKLController, RunningMoments
-from openrl_ckpt.trainers.ppo.experience import AdvantageEstimator, ExperienceMaker, PPOConfig, RewardScorer
 from openrl_ckpt.trainers.ppo.ema import EmaWeights
+from openrl_ckpt.trainers.ppo.experience import AdvantageEstimator, ExperienceMaker, PPOConfig, RewardScorer
 from openrl_ckpt.trainers.ppo.ptx import PtxFeed
 from openrl_ckpt.trainers.ppo.trainer import PPOTrainer
 from openrl_ckpt.utils.tracking import setup_logging
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     ppo = PPOConfig(rollout_batch_size=args.rollout_batch_size, micro_rollout_batch_size=args.micro_rollout_batch_size,
                     n_samples_per_prompt=args.n_samples_per_prompt, micro_train_batch_size=args.micro_train_batch_size,
                     max_epochs=args.max_epochs, num_episodes=args.num_episodes, sampling=sampling,
-                    kl_estimator=KLEstimator(args.kl_estimator), gamma=args.gamma, lambd=args.lambd, eps_clip=args.eps_clip,
+                    kl_estimator=KLEstimator(args.kl_estimator), gamma=args.gamma, lambd=args.lambd,
+                    eps_clip=args.eps_clip,
                     value_clip=args.value_clip if args.value_clip > 0 else None,
                     normalize_reward=args.normalize_reward, reward_clip_range=tuple(args.reward_clip_range),
                     advantage_estimator=estimator, freezing_actor_steps=args.freezing_actor_steps,

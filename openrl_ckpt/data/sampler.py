@@ -11,7 +11,7 @@ is positions ``[j*B, (j+1)*B)`` whatever the world size: a run saved on 2 ranks 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

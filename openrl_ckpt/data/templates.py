@@ -85,8 +85,8 @@ def render_example(row: Mapping, cfg: TemplateConfig, tokenizer, *, where: str) 
     if cfg.output_key is None:
         if messages[-1]["role"] != "assistant":
             raise UserError(
-                f"{where}: with no {cfg.output_flag}, '{cfg.input_key}' must be a conversation ending with an assistant "
-                f"turn (its last role is '{messages[-1]['role']}')"
+                f"{where}: with no {cfg.output_flag}, '{cfg.input_key}' must be a conversation ending with an "
+                f"assistant turn (its last role is '{messages[-1]['role']}')"
             )
         messages, answer = messages[:-1], messages[-1:]
         if not messages:

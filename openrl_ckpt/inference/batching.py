@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from openrl_ckpt.errors import UserError
 

@@ -12,8 +12,9 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from openrl_ckpt.data.loading import load_dataset_from_flags
 from openrl_ckpt.data.padding import left_pad, right_pad
@@ -21,12 +22,24 @@ from openrl_ckpt.data.preference_dataset import check_columns
 from openrl_ckpt.data.prompts import tokenize_prompts
 from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, row_text
 from openrl_ckpt.errors import UserError
-from openrl_ckpt.inference.batching import (batch_items, batch_seed, calls_per_rank, merge_ordered, num_batches,
-                                            rank_batches, select_rows)
+from openrl_ckpt.inference.batching import (
+    batch_items,
+    batch_seed,
+    calls_per_rank,
+    merge_ordered,
+    num_batches,
+    rank_batches,
+    select_rows,
+)
 from openrl_ckpt.inference.generation import SamplingConfig, generate
 from openrl_ckpt.inference.output import check_output_path, write_jsonl_atomic
-from openrl_ckpt.inference.postprocess import (PostProcessor, conditional_sft, iterative_dpo_pairs, mean_std,
-                                               rejection_sampling)
+from openrl_ckpt.inference.postprocess import (
+    PostProcessor,
+    conditional_sft,
+    iterative_dpo_pairs,
+    mean_std,
+    rejection_sampling,
+)
 from openrl_ckpt.models.actor import ModelConfig, load_causal_lm, load_tokenizer
 from openrl_ckpt.models.reward import load_reward_model
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy

@@ -4,8 +4,9 @@ file it finds, so a crash must leave either the whole file or none (never half o
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any
 
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.utils.atomic import stale_temp_siblings, temp_sibling, write_file_atomic

@@ -12,8 +12,9 @@ import contextlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -139,7 +140,8 @@ def write_full_model(state_dict: dict[str, torch.Tensor], hf_dir: Path, out: Pat
     copy_non_weight_files(hf_dir, out, skip=() if dtype == train_dtype else ("config.json",))
 
 
-def peft_adapter_state_dict(trainable: dict[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def peft_adapter_state_dict(trainable: dict[str, torch.Tensor],
+                            adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """PEFT's saved names for a LoRA model's trainable weights (as the engine holds them).
 
     LoRA weights ``...q_proj.lora_A.default.weight`` are saved as ``...q_proj.lora_A.weight``, and

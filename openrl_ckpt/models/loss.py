@@ -14,7 +14,8 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor,
+             loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy over target tokens; returns (loss, number of target tokens).
 
     ``loss_mask[:, t]`` marks token t as a target (predicted from token t-1).
@@ -93,14 +94,16 @@ def _target_mean(values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def kd_forward_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def kd_forward_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    loss_mask: torch.Tensor) -> torch.Tensor:
     """-sum_v p_T(v) log p_S(v) at each target position: forward KL(p_T || p_S) up to the teacher's entropy."""
     teacher = F.softmax(teacher_logits[:, :-1].float(), dim=-1)
     student = F.log_softmax(student_logits[:, :-1].float(), dim=-1)
     return _target_mean(-(teacher * student).sum(-1), loss_mask)
 
 
-def kd_reverse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def kd_reverse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    loss_mask: torch.Tensor) -> torch.Tensor:
     """sum_v p_S(v) (log p_S(v) - log p_T(v)) at each target position: reverse KL(p_S || p_T)."""
     student = F.log_softmax(student_logits[:, :-1].float(), dim=-1)
     teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)

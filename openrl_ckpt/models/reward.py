@@ -144,7 +144,7 @@ def load_reward_model(cfg: ModelConfig, head_prefix: str = "score", *, require_h
 
 def set_reward_normalization(model: torch.nn.Module, mean: float, std: float) -> None:
     """Record the reward statistics in the config, so the saved folder normalises when loaded."""
-    config = getattr(model, "config")
+    config = model.config
     config.normalize_reward = True
     config.mean = float(mean)
     config.std = float(std) if std > 0 else 1.0

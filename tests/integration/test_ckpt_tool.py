@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch import DATA, Result, committed, launch_cmd, run, weights
 
 pytestmark = pytest.mark.slow

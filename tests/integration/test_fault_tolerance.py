@@ -20,7 +20,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
 from launch import REPO, assert_bitwise_equal, committed, env, launch_cmd, run, weights
 
 pytestmark = pytest.mark.slow

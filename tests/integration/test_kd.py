@@ -7,9 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-from test_sft_errors import assert_one_error
-
 from launch import assert_bitwise_equal, committed, launch_cmd, run, weights
+from test_sft_errors import assert_one_error
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch import DATA, REPO, run, weights
 
 pytestmark = pytest.mark.slow

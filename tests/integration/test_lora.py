@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launch import Result, assert_bitwise_equal, committed, launch_cmd
-
+from safetensors.torch import load_file
 from test_ckpt_tool import ckpt_cli, run_and_clean
 
 pytestmark = pytest.mark.slow
@@ -62,7 +60,8 @@ def test_lora_resume_is_bitwise(lora_runs):
     out = root / "out"
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("tokenizer", "chat_template"))) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors"], "--save_path is a PEFT adapter folder"
-    a, b = load_file(str(root / "ref_out" / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    a = load_file(str(root / "ref_out" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
     assert len(a) == 28 and sum(t.numel() for t in a.values()) == TRAINABLE
     assert_bitwise_equal(a, b)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == RANK
@@ -126,7 +125,8 @@ def test_export_of_a_lora_checkpoint(lora_runs, tmp_path, tiny_dropout_model_dir
     code, _, err = ckpt_cli("export", str(root / "ckpt"), "--output", str(merged), "--merge_lora", capsys=capsys)
     assert code == 0, err
     combined = tmp_path / "combined"
-    run_cli(lora_combiner.main, ["--base", tiny_dropout_model_dir, "--lora", str(root / "out"), "--output", str(combined)])
+    run_cli(lora_combiner.main,
+            ["--base", tiny_dropout_model_dir, "--lora", str(root / "out"), "--output", str(combined)])
     a, b = load_file(str(merged / "model.safetensors")), load_file(str(combined / "model.safetensors"))
     assert_bitwise_equal(a, b)
     model = AutoModelForCausalLM.from_pretrained(merged)

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sft_errors import assert_one_error
-
 from launch import DATA, assert_bitwise_equal, committed, launch_cmd, run, weights
+from test_sft_errors import assert_one_error
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch import DATA, assert_bitwise_equal, committed, launch_cmd, run, weights
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_sft_errors import assert_one_error
-
 from launch import DATA, launch_cmd, run
+from test_sft_errors import assert_one_error
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from launch import DATA, committed, launch_cmd, run
 
 pytestmark = pytest.mark.slow

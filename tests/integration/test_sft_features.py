@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch import DATA, Result, assert_bitwise_equal, launch_cmd, run, weights
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from launch import assert_bitwise_equal, committed, launch_cmd, run, weights
 
 pytestmark = pytest.mark.slow

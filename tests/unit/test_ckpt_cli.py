@@ -13,8 +13,8 @@ import torch
 
 from openrl_ckpt.checkpoint.comm import SingleProcessComm
 from openrl_ckpt.checkpoint.contents import BytesFile, CheckpointContents
-from openrl_ckpt.checkpoint.inspect import BEST_KEY, EVAL_KEY, HF_DIR, best_checkpoint
 from openrl_ckpt.checkpoint.files import MANIFEST
+from openrl_ckpt.checkpoint.inspect import BEST_KEY, EVAL_KEY, HF_DIR, best_checkpoint
 from openrl_ckpt.checkpoint.manager import CheckpointManager
 from openrl_ckpt.checkpoint.state import STATE_FILE, TrainState
 from openrl_ckpt.cli import ckpt, lora_combiner
@@ -291,7 +291,7 @@ def lora_model(pretrain: str, rank: int = 4, seed: int = 0, rm: bool = False):
         model = load_causal_lm(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model.eval()
@@ -368,7 +368,8 @@ def test_hf_files_without_weights(tiny_model_dir, tiny_tokenizer_dir, tmp_path, 
     s = DeepspeedStrategy(StrategyConfig(zero_stage=2))
     write_hf(model, tok, tmp_path / "meta", None)
     write_hf(model, tok, tmp_path / "full", full_state_dict(s, model))
-    meta, full = sorted(p.name for p in (tmp_path / "meta").iterdir()), sorted(p.name for p in (tmp_path / "full").iterdir())
+    meta = sorted(p.name for p in (tmp_path / "meta").iterdir())
+    full = sorted(p.name for p in (tmp_path / "full").iterdir())
     assert full == sorted(meta + ["adapter_model.safetensors"]) and "tokenizer.json" in meta
     for name in meta:
         assert (tmp_path / "meta" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from openrl_ckpt.errors import UserError
-from openrl_ckpt.inference import batching
-from openrl_ckpt.inference import postprocess
+from openrl_ckpt.inference import batching, postprocess
 from openrl_ckpt.inference.output import check_output_path, write_jsonl_atomic
 
 # ---------------------------------------------------------------------------- --iter

@@ -29,8 +29,14 @@ def test_sft_loss_ignores_masked_tokens():
 
 # ---- preference losses, each against its formula written out with math on plain floats
 
-from openrl_ckpt.models.loss import (dpo_loss, ipo_loss, kto_loss, pairwise_logexp_loss,  # noqa: E402
-                                     pairwise_sigmoid_loss, sequence_logps)
+from openrl_ckpt.models.loss import (  # noqa: E402
+    dpo_loss,
+    ipo_loss,
+    kto_loss,
+    pairwise_logexp_loss,
+    pairwise_sigmoid_loss,
+    sequence_logps,
+)
 
 
 def _sigmoid(x: float) -> float:

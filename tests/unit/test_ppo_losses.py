@@ -8,10 +8,14 @@ import math
 import pytest
 import torch
 
-from openrl_ckpt.models.loss import (discounted_returns, gae, kl_estimate, masked_mean, ppo_policy_loss,
-                                     ppo_value_loss)
-from openrl_ckpt.trainers.ppo.control import (AdaptiveKLController, FixedKLController, RunningMoments, group_norm,
-                                              rloo_baseline)
+from openrl_ckpt.models.loss import discounted_returns, gae, kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss
+from openrl_ckpt.trainers.ppo.control import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    group_norm,
+    rloo_baseline,
+)
 
 
 def close(a: torch.Tensor, b: list) -> None:

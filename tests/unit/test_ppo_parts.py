@@ -26,8 +26,8 @@ def test_critic_values_at_every_position_match_the_reward_at_the_last(tiny_model
 
 
 def test_layout_puts_prompts_right_aligned_and_answers_after() -> None:
-    from openrl_ckpt.inference.generation import Generation
     from openrl_ckpt.data.padding import left_pad
+    from openrl_ckpt.inference.generation import Generation
     from openrl_ckpt.trainers.ppo.experience import ExperienceMaker, last_token_index
 
     pad = 0

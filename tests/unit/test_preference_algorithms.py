@@ -96,7 +96,9 @@ def test_kto_starts_at_half_weight_and_averages_the_kl_over_ranks(policy_and_ref
 
 def test_rm_step_is_the_pairwise_loss_of_its_rewards():
     rewards = torch.tensor([2.0, -1.0, 0.5, 0.0], requires_grad=True)
-    engine = lambda **kw: rewards  # noqa: E731: chosen [2, -1], rejected [0.5, 0]
+
+    def engine(**kw):  # chosen [2, -1], rejected [0.5, 0]
+        return rewards
     algo = RewardModelAlgorithm(engine, CPU, pairwise_sigmoid_loss)
     out = algo.train_step(pair_collate(PAIRS, pad_token_id=0))
     expected = (-math.log(1 / (1 + math.exp(-1.5))) - math.log(1 / (1 + math.exp(-(-1.0 - 0.0 - 0.5))))) / 2

@@ -10,8 +10,14 @@ import torch
 from test_templates import build_tokenizer
 
 from openrl_ckpt.data.collate import kto_collate, pair_collate
-from openrl_ckpt.data.preference_dataset import (LabelledConfig, PreferenceConfig, PreferenceStats,
-                                                 build_labelled_dataset, build_preference_dataset, split_pairs)
+from openrl_ckpt.data.preference_dataset import (
+    LabelledConfig,
+    PreferenceConfig,
+    PreferenceStats,
+    build_labelled_dataset,
+    build_preference_dataset,
+    split_pairs,
+)
 from openrl_ckpt.errors import UserError
 
 EOS = 2
@@ -109,7 +115,8 @@ def test_kto_labels_accept_booleans_and_0_1():
 
 @pytest.mark.parametrize("oks, row, bad", [([1, 2], 2, 2), (["yes"], 1, "yes")])
 def test_kto_labels_that_are_not_boolean_name_the_row(oks, row, bad):
-    with pytest.raises(UserError, match=rf"k.jsonl row {row}: 'ok' \(--label_key\) must be true/false or 0/1, got {bad!r}"):
+    with pytest.raises(UserError,
+                       match=rf"k.jsonl row {row}: 'ok' \(--label_key\) must be true/false or 0/1, got {bad!r}"):
         labelled([{"p": "q", "a": "x", "ok": ok} for ok in oks])
 
 

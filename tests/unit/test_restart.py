@@ -71,7 +71,8 @@ def test_describe_and_cause():
     assert describe(-9) == "killed by SIGKILL"
     assert describe(137) == "exit code 137 (SIGKILL)"
     assert describe(1) == "exit code 1"
-    lines = ["step 3/24 loss 1\n", "[rank1]: OSError: [Errno 28] No space left\n", "[launch] ... exits with return code = 1\n"]
+    lines = ["step 3/24 loss 1\n", "[rank1]: OSError: [Errno 28] No space left\n",
+             "[launch] ... exits with return code = 1\n"]
     assert last_cause(lines) == "OSError: [Errno 28] No space left"
     assert last_cause(lines[2:]) == "[launch] ... exits with return code = 1"
     assert last_cause(["error: --dataset x: no such file\n", "done\n"]) == "error: --dataset x: no such file"

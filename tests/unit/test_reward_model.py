@@ -49,7 +49,8 @@ def test_saved_folder_loads_back_with_head_and_normalisation(fresh_rm, tmp_path)
 
 def test_head_prefix_must_match_the_saved_head(fresh_rm, tmp_path):
     fresh_rm.save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="--value_head_prefix value_head: .* head is 'score'; pass --value_head_prefix score"):
+    with pytest.raises(UserError,
+                       match="--value_head_prefix value_head: .* head is 'score'; pass --value_head_prefix score"):
         load_reward_model(ModelConfig(pretrain=str(tmp_path)), "value_head")
     # a head saved by another tool (no prefix in the config) is found from the weight names
     config = json.loads((tmp_path / "config.json").read_text())

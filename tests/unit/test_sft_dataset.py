@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import datasets
 import pytest
 from test_templates import build_tokenizer

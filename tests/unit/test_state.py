@@ -8,10 +8,14 @@ from openrl_ckpt.checkpoint.state import TrainState, capture_rng, incompatibilit
 
 
 def test_rng_round_trip_through_json():
-    random.seed(1); np.random.seed(2); torch.manual_seed(3)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
     state = json.loads(json.dumps(capture_rng()))
     expected = (random.random(), np.random.rand(), torch.rand(3))
-    random.seed(9); np.random.seed(9); torch.manual_seed(9)
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
     restore_rng(state)
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])

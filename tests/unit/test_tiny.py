@@ -10,7 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from openrl_ckpt.utils.tiny import CHATML_TEMPLATE, build_smollm2_shaped, build_tiny_model, build_tiny_tokenizer, example_texts
+from openrl_ckpt.utils.tiny import (
+    CHATML_TEMPLATE,
+    build_smollm2_shaped,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    example_texts,
+)
 
 
 def _sha(path: Path) -> str:
@@ -41,7 +47,8 @@ def test_model_loads_with_auto(tiny_model_dir: str) -> None:
     assert cfg.model_type == "llama"
     assert cfg.vocab_size == len(tok)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 2, 4, 2)
-    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     assert cfg.max_position_embeddings == 1024 and not cfg.tie_word_embeddings
     assert cfg.attention_dropout == 0.0
     batch = tok(["What is the capital of Peru?", "hi"], return_tensors="pt", padding=True)
