@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from openrl_ckpt.checkpoint import inspect as I
+from openrl_ckpt.checkpoint import inspect as checkpoints
 from openrl_ckpt.cli.args import Parser
 from openrl_ckpt.cli.entry import run
 from openrl_ckpt.errors import UserError
@@ -82,18 +82,18 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-def _damage_error(infos: list[I.CheckpointInfo]) -> UserError:
+def _damage_error(infos: list[checkpoints.CheckpointInfo]) -> UserError:
     bad = [i for i in infos if not i.valid]
     parts = [f"{i.path.name} ({'; '.join(i.problems[:3])}{'; ...' if len(i.problems) > 3 else ''})" for i in bad]
     return UserError(f"{len(bad)} of {len(infos)} checkpoint(s) damaged: {', '.join(parts)}", exit_code=DAMAGED)
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    root, step = I.resolve(args.ckpt_path)
-    infos = I.list_checkpoints(root, quick=args.quick)
+    root, step = checkpoints.resolve(args.ckpt_path)
+    infos = checkpoints.list_checkpoints(root, quick=args.quick)
     if step is not None:
         infos = [i for i in infos if i.step == step]
-    loose = I.uncommitted_step_dirs(root)
+    loose = checkpoints.uncommitted_step_dirs(root)
     if args.json:
         print(json.dumps({"ckpt_path": str(root), "checkpoints": [i.to_json() for i in infos],
                           "uncommitted": [p.name for p in loose]}, indent=1))
@@ -116,14 +116,14 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    root, step = I.resolve(args.ckpt_path, args.step)
+    root, step = checkpoints.resolve(args.ckpt_path, args.step)
     if step is not None:
-        paths = [I.step_path(root, step)]
+        paths = [checkpoints.step_path(root, step)]
     else:
-        paths = [root / f"global_step{s}" for s in sorted(I.require_committed(root))]
+        paths = [root / f"global_step{s}" for s in sorted(checkpoints.require_committed(root))]
     infos = []
     for path in paths:
-        info = I.describe(root, int(path.name.removeprefix("global_step")))
+        info = checkpoints.describe(root, int(path.name.removeprefix("global_step")))
         infos.append(info)
         if info.valid:
             print(f"{path.name}: ok ({_size(info.size)})")
@@ -136,10 +136,10 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    root, step = I.resolve(args.ckpt_path)
+    root, step = checkpoints.resolve(args.ckpt_path)
     if step is not None:
         raise UserError(f"prune works on the checkpoint folder, not on one step: use {root}")
-    plan = I.prune(root, args.max_ckpt_num, args.max_ckpt_mem, dry_run=args.dry_run)
+    plan = checkpoints.prune(root, args.max_ckpt_num, args.max_ckpt_mem, dry_run=args.dry_run)
     for note in plan.notes:
         print(note)
     verb = "would delete" if args.dry_run else "deleted"
@@ -154,11 +154,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 def _verified(ckpt_path: str, step: int | None, what: str) -> Path:
     """The asked (default: newest) committed checkpoint, refused when it does not verify."""
-    root, step = I.resolve(ckpt_path, step)
+    root, step = checkpoints.resolve(ckpt_path, step)
     if step is None:
-        step = I.require_committed(root)[0]
-    path = I.step_path(root, step)
-    problems = I.verify(path)
+        step = checkpoints.require_committed(root)[0]
+    path = checkpoints.step_path(root, step)
+    problems = checkpoints.verify(path)
     if problems:
         raise UserError(f"{path} is damaged, not {what} it: {'; '.join(problems[:3])}"
                         f"{'; ...' if len(problems) > 3 else ''}", exit_code=DAMAGED)
@@ -180,7 +180,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     check_new_output(args.output)
     path = _verified(args.ckpt_path, args.step, "converting")
-    tags = [t for t in I.engines_of(path) if any((path / t).glob("*model_states.pt"))]
+    tags = [t for t in checkpoints.engines_of(path) if any((path / t).glob("*model_states.pt"))]
     if not tags:
         raise UserError(f"{path} holds no DeepSpeed engine (a --disable_ds_ckpt checkpoint): nothing to convert")
     flat = [t for t in tags if not needs_universal(path / t)]
@@ -198,7 +198,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _pick_engine(path: Path, tag: str | None) -> str:
-    tags = I.engines_of(path)
+    tags = checkpoints.engines_of(path)
     if not tags:
         raise UserError(f"{path} holds no engine (neither DeepSpeed engine files nor a Hugging Face copy)")
     if tag is None:
@@ -220,9 +220,9 @@ def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge
     model_export.check_new_output(output)
     model_export.quiet_progress_bars()
     tag = _pick_engine(path, tag)
-    hf_dir = path / I.HF_DIR / tag
+    hf_dir = path / checkpoints.HF_DIR / tag
     if not hf_dir.is_dir():
-        raise UserError(f"{path} has no {I.HF_DIR}/{tag}/ (config and tokenizer recorded at save time), "
+        raise UserError(f"{path} has no {checkpoints.HF_DIR}/{tag}/ (config and tokenizer recorded at save time), "
                         f"so it cannot be exported")
     adapter = model_export.is_adapter(hf_dir)
     if merge_lora and not adapter:
@@ -233,7 +233,7 @@ def export(path: Path, output: str, *, tag: str | None, dtype: str | None, merge
         weights = read_engine_weights(path, tag, want)
         train_dtype, state_dict = weights.train_dtype, weights.state_dict
         source = f"ZeRO-{weights.zero_stage} {weights.source} weights"
-    elif I.has_hf_weights(hf_dir):  # --disable_ds_ckpt: the Hugging Face copy is all there is
+    elif checkpoints.has_hf_weights(hf_dir):  # --disable_ds_ckpt: the Hugging Face copy is all there is
         train_dtype, state_dict, source = model_export.saved_dtype_of(hf_dir), None, "the Hugging Face copy"
     else:
         raise UserError(f"{path.name}/{tag} holds neither DeepSpeed engine files nor a Hugging Face copy with weights")

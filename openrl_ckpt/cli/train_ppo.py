@@ -10,7 +10,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from openrl_ckpt.cli import args as A
+from openrl_ckpt.cli import args as cli_args
 from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.loading import load_blended_dataset
 from openrl_ckpt.data.prompts import tokenize_prompts
@@ -35,12 +35,12 @@ from openrl_ckpt.utils.tracking import setup_logging
 log = logging.getLogger("openrl_ckpt")
 
 
-def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
-    p = A.Parser(prog="train_ppo", description=__doc__.splitlines()[0])
-    A.add_model_args(p)
-    A.add_train_args(p)
-    A.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_ppo")
-    A.add_logging_args(p)
+def parse_args(argv: list[str] | None = None) -> cli_args.argparse.Namespace:
+    p = cli_args.Parser(prog="train_ppo", description=__doc__.splitlines()[0])
+    cli_args.add_model_args(p)
+    cli_args.add_train_args(p)
+    cli_args.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_ppo")
+    cli_args.add_logging_args(p)
     p.set_defaults(max_epochs=1, micro_train_batch_size=4, train_batch_size=128)
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt_data", required=True, help="comma-separated prompt datasets (files, folders, hub names)")
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
     g.add_argument("--max_samples", type=int, default=None, help="use at most this many prompts")
     g.add_argument("--input_key", default="input")
     g.add_argument("--input_template", default=None, help="e.g. 'User: {}\\nAssistant: '")
-    A.bool_flag(g, "--apply_chat_template", "render prompts with the tokenizer's chat template")
+    cli_args.bool_flag(g, "--apply_chat_template", "render prompts with the tokenizer's chat template")
     g.add_argument("--tokenizer_chat_template", default=None, help="a Jinja chat template, or a file holding one")
     g.add_argument("--prompt_max_len", type=int, default=1024, help="longer prompts are skipped (counted)")
     g = p.add_argument_group("models")
@@ -57,9 +57,9 @@ def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
                    "their scores are averaged")
     g.add_argument("--critic_pretrain", default=None, help="critic initialisation (default: the first reward model)")
     g.add_argument("--value_head_prefix", default="score", help="name of the reward models' and critic's head")
-    A.bool_flag(g, "--ref_reward_offload", "keep the reference and reward models on the CPU between uses")
-    A.bool_flag(g, "--allow_tokenizer_mismatch", "reward models with another tokenizer score the decoded text")
-    A.bool_flag(g, "--save_value_network", "also write the critic in Hugging Face format to <save_path>_critic")
+    cli_args.bool_flag(g, "--ref_reward_offload", "keep the reference and reward models on the CPU between uses")
+    cli_args.bool_flag(g, "--allow_tokenizer_mismatch", "reward models with another tokenizer score the decoded text")
+    cli_args.bool_flag(g, "--save_value_network", "also write the critic in Hugging Face format to <save_path>_critic")
     g = p.add_argument_group("generation")
     g.add_argument("--generate_max_len", type=int, default=1024, help="new tokens per answer")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
     g.add_argument("--lambd", type=float, default=0.95)
     g.add_argument("--eps_clip", type=float, default=0.2)
     g.add_argument("--value_clip", type=float, default=0.2, help="clip range of the value loss; <= 0: unclipped")
-    A.bool_flag(g, "--normalize_reward", "normalise scores with their running mean and std")
+    cli_args.bool_flag(g, "--normalize_reward", "normalise scores with their running mean and std")
     g.add_argument("--reward_clip_range", type=float, nargs=2, default=(-10.0, 10.0))
     g.add_argument("--advantage_estimator", choices=[e.value for e in AdvantageEstimator],
                    default=AdvantageEstimator.GAE.value)
@@ -92,13 +92,13 @@ def parse_args(argv: list[str] | None = None) -> A.argparse.Namespace:
     g.add_argument("--pretrain_data_probs", default=None)
     g.add_argument("--pretrain_split", default="train")
     g.add_argument("--pretrain_input_key", default=None, help="text column of --pretrain_data (default: --input_key)")
-    A.bool_flag(g, "--enable_ema", "keep an exponential moving average of the actor's weights (checkpointed); "
+    cli_args.bool_flag(g, "--enable_ema", "keep an exponential moving average of the actor's weights (checkpointed); "
                 "the exported actor holds it")
     g.add_argument("--ema_beta", type=float, default=0.992)
     return p.parse_args(argv)
 
 
-def check_args(args: A.argparse.Namespace) -> None:
+def check_args(args: cli_args.argparse.Namespace) -> None:
     """Flag checks that need no process group."""
     check_input_template(args.input_template)
     if args.vllm_num_engines > 0:
@@ -137,7 +137,7 @@ def check_args(args: A.argparse.Namespace) -> None:
         raise UserError(f"--reward_clip_range needs low < high, got {lo} {hi}")
 
 
-def check_batches(args: A.argparse.Namespace, world_size: int) -> int:
+def check_batches(args: cli_args.argparse.Namespace, world_size: int) -> int:
     """The rollout must split evenly over ranks, micro rollout batches and train batches; returns the
     samples per update step."""
     b, n = args.rollout_batch_size, args.n_samples_per_prompt
@@ -155,7 +155,7 @@ def check_batches(args: A.argparse.Namespace, world_size: int) -> int:
     return samples
 
 
-def load_prompts(args: A.argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
+def load_prompts(args: cli_args.argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
     raw = load_blended_dataset(args.prompt_data, args.prompt_data_probs, seed=args.seed, max_samples=args.max_samples,
                                split=args.prompt_split, flag="--prompt_data")
     template = TemplateConfig(input_key=args.input_key, output_key=None, input_template=args.input_template,
@@ -169,7 +169,7 @@ def load_prompts(args: A.argparse.Namespace, tokenizer: Any) -> list[dict[str, A
     return [{"input_ids": prompt.ids, "index": prompt.row} for prompt in kept]
 
 
-def load_pretrain_data(args: A.argparse.Namespace, tokenizer: Any) -> Any:
+def load_pretrain_data(args: cli_args.argparse.Namespace, tokenizer: Any) -> Any:
     raw = load_blended_dataset(args.pretrain_data, args.pretrain_data_probs, seed=args.seed, split=args.pretrain_split,
                                flag="--pretrain_data")
     template = TemplateConfig(input_key=args.pretrain_input_key or args.input_key, output_key=None,
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     critic_path = args.critic_pretrain or reward_paths[0]
 
     # 1. strategy: process group and batch arithmetic
-    strategy = DeepspeedStrategy(A.strategy_config(args))
+    strategy = DeepspeedStrategy(cli_args.strategy_config(args))
     strategy.setup_distributed()
     setup_logging(strategy.rank)
     samples = check_batches(args, strategy.world_size)
@@ -216,27 +216,27 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. models: actor and critic trained; reference and reward models frozen (reloaded, checked on resume)
     strategy.before_model_load()
-    actor_model = load_causal_lm(A.model_config(args))
+    actor_model = load_causal_lm(cli_args.model_config(args))
     fingerprint = model_fingerprint(actor_model)
     frozen: dict[str, list[dict[str, Any]]] = {"--reward_pretrain": []}
     ref = None
     if args.init_kl_coef > 0:
-        ref, ref_id = load_frozen(A.model_config(args), strategy, offload=args.ref_reward_offload)
+        ref, ref_id = load_frozen(cli_args.model_config(args), strategy, offload=args.ref_reward_offload)
         frozen["--pretrain (reference)"] = [ref_id]
     reward_models = []
     for path, reward_tok in zip(reward_paths, reward_tokenizers):
-        model = load_reward_model(replace(A.model_config(args, pretrain=path), gradient_checkpointing=False),
+        model = load_reward_model(replace(cli_args.model_config(args, pretrain=path), gradient_checkpointing=False),
                                   args.value_head_prefix, require_head=True)
         frozen["--reward_pretrain"].append(reference_identity(path, model))
         reward_models.append((strategy.prepare_frozen(model, args.ref_reward_offload), reward_tok))
     updates = -(-len(prompts) // args.rollout_batch_size) * args.num_episodes
     optimizer_steps = updates * samples // args.train_batch_size * args.max_epochs
-    actor = strategy.prepare(actor_model, A.optim_config(args, args.actor_learning_rate), optimizer_steps)
+    actor = strategy.prepare(actor_model, cli_args.optim_config(args, args.actor_learning_rate), optimizer_steps)
     critic = None
     if estimator.trains_critic:
-        critic_model = load_reward_model(A.model_config(args, pretrain=critic_path), args.value_head_prefix,
+        critic_model = load_reward_model(cli_args.model_config(args, pretrain=critic_path), args.value_head_prefix,
                                          require_head=True)
-        critic = strategy.prepare(critic_model, A.optim_config(args, args.critic_learning_rate), optimizer_steps)
+        critic = strategy.prepare(critic_model, cli_args.optim_config(args, args.critic_learning_rate), optimizer_steps)
     elif args.save_value_network or args.critic_pretrain:
         raise UserError(f"--advantage_estimator {args.advantage_estimator} trains no critic; drop "
                         f"{'--save_value_network' if args.save_value_network else '--critic_pretrain'}")
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     maker = ExperienceMaker(strategy, actor, critic, ref, RewardScorer(reward_models, strategy.device, tokenizer),
                             ppo, kl_ctl, RunningMoments(), eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
-    trainer = PPOTrainer(strategy, actor, critic, maker, prompts, ppo, A.loop_config(args, "ppo"),
-                         A.tracker_config(args), fingerprint, frozen, tokenizer=tokenizer,
+    trainer = PPOTrainer(strategy, actor, critic, maker, prompts, ppo, cli_args.loop_config(args, "ppo"),
+                         cli_args.tracker_config(args), fingerprint, frozen, tokenizer=tokenizer,
                          ckpt_meta={"pretrain": args.pretrain, "reward_pretrain": reward_paths,
                                     "critic_pretrain": critic_path if critic is not None else None},
                          ptx=PtxFeed(strategy, pretrain_data, args.micro_train_batch_size, tokenizer.pad_token_id,
