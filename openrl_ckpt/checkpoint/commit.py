@@ -34,6 +34,7 @@ from openrl_ckpt.checkpoint.files import (
     MANIFEST,
     TMP_PREFIX,
     CheckpointError,
+    check_sizes,
     committed_steps,
     dir_size,
     file_checksum,
@@ -113,15 +114,7 @@ def commit_checkpoint(root: Path, step: int, reports: list[GroupFiles], expected
     """
     staging, final = staging_path(root, step), root / step_dir_name(step)
     files = _merge_reports(step, reports, expected_groups)
-    problems = []
-    for name, entry in files.items():
-        try:
-            size = (staging / name).stat().st_size
-        except OSError:
-            problems.append(f"{name}: missing")
-            continue
-        if size != entry["size"]:
-            problems.append(f"{name}: size {size} != {entry['size']}")
+    problems = check_sizes(staging, files)
     if problems:
         raise CheckpointError(f"checkpoint step {step} not committed: {'; '.join(problems[:5])}")
     write_file_atomic(staging / STATE_FILE, state_json)

@@ -2,9 +2,11 @@
 
 Tests set ``OPENRL_FAULT=<point>[@<step>]:<action>[:once=<file>]`` (several separated by commas)
 where action is ``kill`` (SIGKILL this process, as a preemption or OOM kill would),
-``sleep=<seconds>`` or ``raise=<ERRNO name>``. With ``once=<file>`` the fault fires in one process
-only, the first to create that file, and never again: a restarted run sees the same environment
-but no second crash. Unset in normal runs, so each call is a dictionary lookup.
+``sleep=<seconds>``, ``raise=<ERRNO name>``, ``signal=<NAME>`` (send this process a signal, as a user
+would: ``signal=SIGUSR2``) or ``touch=<file>`` (create a file, e.g. a save-now trigger). With
+``once=<file>`` the fault fires in one process only, the first to create that file, and never
+again: a restarted run sees the same environment but no second crash. Unset in normal runs, so each
+call is a dictionary lookup.
 
 Points: ``step`` (every optimizer-step boundary of the training loop), ``write`` (before a save
 writes its engine files; in the background thread for --async_save), ``after_engines``,
@@ -45,6 +47,10 @@ def fault_point(name: str, step: int | None = None) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif action.startswith("sleep="):
             time.sleep(float(action.split("=", 1)[1]))
+        elif action.startswith("signal="):
+            os.kill(os.getpid(), signal.Signals[action.split("=", 1)[1]])
+        elif action.startswith("touch="):
+            open(action.split("=", 1)[1], "a").close()
         elif action.startswith("raise="):
             code = getattr(errno, action.split("=", 1)[1])
             raise OSError(code, f"{os.strerror(code)} (injected at {name})")

@@ -5,6 +5,7 @@ Layout under ``ckpt_path``::
     global_step<N>/        a committed checkpoint: engine folders, train_state.json, manifest.json
     .tmp-global_step<N>/   a save in progress (removed at the next start if a crash left it)
     .del-global_step<N>/   a checkpoint being deleted (un-committed by the rename first)
+    set_aside/<branch>/    checkpoints newer than a --resume_from step, kept and never rotated
     latest                 names the newest committed step (a convenience; discovery scans folders)
 
 A folder counts as a checkpoint only once it is named ``global_step<N>`` and holds a manifest.
@@ -26,6 +27,7 @@ from typing import Any
 MANIFEST = "manifest.json"
 LATEST = "latest"
 STEP_DIR = re.compile(r"^global_step(\d+)$")
+SET_ASIDE_DIR = "set_aside"  # set_aside/<branch>/global_step<N>/: checkpoints a --resume_from left behind
 TMP_PREFIX = ".tmp-"
 DEL_PREFIX = ".del-"
 HASH_ALGO = "crc32"
@@ -104,6 +106,20 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_sizes(folder: Path, files: dict[str, dict[str, Any]]) -> list[str]:
+    """Problems found by sizes alone (cheap): files missing or of another size than recorded."""
+    problems = []
+    for name, want in files.items():
+        try:
+            size = (folder / name).stat().st_size
+        except OSError:
+            problems.append(f"{name}: missing")
+            continue
+        if size != want["size"]:
+            problems.append(f"{name}: size {size} != {want['size']}")
+    return problems
+
+
 def check_files(ckpt_dir: Path, files: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
     """Problems found in ``names`` (a subset of the manifest's files): missing, size, checksum."""
     problems = []
@@ -167,3 +183,12 @@ def plan_rotation(
             continue
         doomed.append(step)
     return doomed
+
+
+def set_aside_dirs(root: Path) -> list[Path]:
+    """The checkpoints a --resume_from moved aside (``set_aside/<branch>/global_step<N>``), oldest branch first."""
+    folder = root / SET_ASIDE_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for branch in sorted(folder.iterdir()) if branch.is_dir() for p in sorted(branch.iterdir())
+                  if STEP_DIR.match(p.name))

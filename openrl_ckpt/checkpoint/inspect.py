@@ -18,6 +18,7 @@ from openrl_ckpt.checkpoint.files import (
     STEP_DIR,
     CheckpointError,
     check_files,
+    check_sizes,
     committed_steps,
     dir_size,
     plan_rotation,
@@ -110,15 +111,7 @@ def verify(path: Path, quick: bool = False) -> list[str]:
         return [str(e)]
     files = manifest["files"]
     if quick:
-        problems = []
-        for name, want in files.items():
-            try:
-                size = (path / name).stat().st_size
-            except OSError:
-                problems.append(f"{name}: missing")
-                continue
-            if size != want["size"]:
-                problems.append(f"{name}: size {size} != {want['size']}")
+        problems = check_sizes(path, files)
     else:
         if manifest.get("hash", HASH_ALGO) != HASH_ALGO:
             return [f"{path}/{MANIFEST}: unknown hash {manifest.get('hash')!r}"]

@@ -9,6 +9,7 @@ ranks, not algorithms: what a checkpoint holds arrives as a ``CheckpointContents
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -33,6 +34,8 @@ from openrl_ckpt.checkpoint.contents import CheckpointContents
 from openrl_ckpt.checkpoint.faults import fault_point
 from openrl_ckpt.checkpoint.files import (
     DEL_PREFIX,
+    LATEST,
+    SET_ASIDE_DIR,
     TMP_PREFIX,
     CheckpointError,
     check_files,
@@ -44,6 +47,7 @@ from openrl_ckpt.checkpoint.files import (
 )
 from openrl_ckpt.checkpoint.state import STATE_FILE, TrainState, capture_rng
 from openrl_ckpt.errors import UserError
+from openrl_ckpt.utils.atomic import fsync_dir, write_file_atomic
 
 log = logging.getLogger("openrl_ckpt")
 
@@ -166,20 +170,42 @@ class CheckpointManager:
         """The newest checkpoint that verifies, falling back past damaged ones with a warning."""
         candidates = self.comm.broadcast_object(self.committed_steps() if self.comm.rank == 0 else None)
         for step in candidates:
-            path = self.root / step_dir_name(step)
-            problems = self._verify(path)
-            if problems:
-                if self.comm.rank == 0:
-                    log.warning("checkpoint %s is damaged, skipping it: %s", path, "; ".join(problems[:5]))
-                continue
-            try:
-                state = TrainState.from_json((path / STATE_FILE).read_text())
-            except (OSError, ValueError, TypeError) as e:
-                if self.comm.rank == 0:
-                    log.warning("checkpoint %s has an unreadable %s (%s), skipping it", path, STATE_FILE, e)
-                continue
-            return Resumed(step=step, path=path, state=state)
+            resumed = self.load_step(step)
+            if isinstance(resumed, Resumed):
+                return resumed
+            if self.comm.rank == 0:
+                log.warning("checkpoint %s is damaged, skipping it: %s", self.root / step_dir_name(step), resumed)
         return None
+
+    def load_step(self, step: int) -> Resumed | str:
+        """Collective: the committed checkpoint of ``step`` re-verified against its manifest, or what is wrong."""
+        path = self.root / step_dir_name(step)
+        problems = self._verify(path)
+        if problems:
+            return "; ".join(problems[:5])
+        try:
+            state = TrainState.from_json((path / STATE_FILE).read_text())
+        except (OSError, ValueError, TypeError) as e:
+            return f"unreadable {STATE_FILE} ({e})"
+        return Resumed(step=step, path=path, state=state)
+
+    def set_aside(self, steps: list[int], branch: str) -> Path:
+        """Collective: move the committed checkpoints ``steps`` out of discovery and rotation, into
+        ``set_aside/<branch>/`` (renames by the leaders), and point ``latest`` at the newest that stays."""
+        folder = self.root / SET_ASIDE_DIR / branch
+
+        def move() -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for step in sorted(steps, reverse=True):  # newest first: a crash leaves the oldest in place
+                os.rename(self.root / step_dir_name(step), folder / step_dir_name(step))
+            fsync_dir(folder)
+            fsync_dir(self.root)
+            remaining = committed_steps(self.root)
+            if remaining:
+                write_file_atomic(self.root / LATEST, step_dir_name(remaining[0]) + "\n")
+
+        self._leader_fs(self.comm, move, folder, "set aside checkpoints")
+        return folder
 
     # ------------------------------------------------------------------ save
     def begin(self, step: int) -> Path:

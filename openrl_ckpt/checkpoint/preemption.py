@@ -1,8 +1,10 @@
-"""Stop requests: SIGTERM or SIGUSR1 (what schedulers send before a kill) asks the run to stop.
+"""Stop and save requests by signal.
 
-The handler only records the signal; the training loop reads it at the next optimizer-step
-boundary, where all ranks agree (any rank's request stops every rank), commit a checkpoint and
-exit 0. A second signal only adds to the count: the save in progress goes on unchanged.
+SIGTERM or SIGUSR1 (what schedulers send before a kill) asks the run to stop; SIGUSR2 asks it to save
+a checkpoint now and go on. The handlers only record the signal; the training loop reads it at the
+next optimizer-step boundary, where all ranks agree (any rank's request counts for every rank). A stop
+commits a checkpoint and exits 0; a second stop signal only adds to the count: the save in progress
+goes on unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SAVE_SIGNAL = signal.SIGUSR2
 
 
 class Preempted(Exception):
@@ -27,13 +30,14 @@ class Preempted(Exception):
 
 
 class StopRequests:
-    """Records stop signals while installed (``with StopRequests() as stop:``), then restores the
-    previous handlers. Signal handlers can only be set from the main thread; elsewhere it records
-    nothing and the process keeps the default behaviour."""
+    """Records stop signals (and save requests) while installed (``with StopRequests() as stop:``), then
+    restores the previous handlers. Signal handlers can only be set from the main thread; elsewhere it
+    records nothing and the process keeps the default behaviour."""
 
     def __init__(self) -> None:
         self.signum: int | None = None  # the first stop signal received
         self.count = 0
+        self.save_requested = False  # a SIGUSR2 since the last save
         self._previous: dict[int, Any] = {}
 
     @property
@@ -45,9 +49,13 @@ class StopRequests:
         if self.signum is None:
             self.signum = signum
 
+    def _handle_save(self, signum: int, frame: FrameType | None) -> None:
+        self.save_requested = True
+
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+            self._previous[SAVE_SIGNAL] = signal.signal(SAVE_SIGNAL, self._handle_save)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

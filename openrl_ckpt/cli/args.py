@@ -89,9 +89,21 @@ def add_ckpt_args(p: argparse.ArgumentParser, default_ckpt: str) -> None:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save_path", default="./ckpt/model", help="final Hugging Face model folder")
     g.add_argument("--save_steps", type=int, default=-1, help="steps between checkpoints; -1: none in between")
+    g.add_argument("--save_epochs", type=int, default=-1, help="also a checkpoint at the end of every N-th epoch "
+                   "(PPO: episode); -1: off")
     g.add_argument("--ckpt_path", default=default_ckpt)
     bool_flag(g, "--load_checkpoint", "resume from the newest valid checkpoint in --ckpt_path, if any")
+    g.add_argument("--resume_from", default=None, help="resume from this checkpoint instead (a step number or a "
+                   "global_step<N> folder of --ckpt_path); its newer ones are set aside under set_aside/, never "
+                   "deleted")
     g.add_argument("--max_ckpt_num", type=int, default=3)
+    g.add_argument("--export_steps", type=int, default=-1, help="also write a Hugging Face model to "
+                   "<save_path>/global_step<N>/ every N steps while training (-1: off)")
+    g.add_argument("--export_epochs", type=int, default=-1, help="... at the end of every N-th epoch (-1: off)")
+    g.add_argument("--export_interval_mins", type=float, default=0.0, help="... when this many minutes passed "
+                   "since the last export (rank 0's clock); 0: off")
+    g.add_argument("--max_export_num", type=int, default=3, help="keep at most this many exports (a rotation of "
+                   "their own, apart from checkpoints)")
     g.add_argument("--max_ckpt_mem", type=float, default=1e8, help="GB that checkpoints may take")
     g.add_argument("--save_interval_mins", type=float, default=0.0,
                    help="also save when this many minutes passed since the last save (rank 0's clock); 0: off")
@@ -160,12 +172,17 @@ def loop_config(args: argparse.Namespace, algorithm: str) -> LoopConfig:
 def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
     if args.save_interval_mins < 0:
         raise UserError(f"--save_interval_mins must be positive (or 0 for off), got {args.save_interval_mins}")
-    return CheckpointConfig(ckpt_path=args.ckpt_path, save_steps=args.save_steps, load_checkpoint=args.load_checkpoint,
+    if args.save_epochs == 0 or args.save_epochs < -1:
+        raise UserError(f"--save_epochs must be a positive number of epochs (or -1 for off), got {args.save_epochs}")
+    return CheckpointConfig(ckpt_path=args.ckpt_path, save_steps=args.save_steps, save_epochs=args.save_epochs,
+                            load_checkpoint=args.load_checkpoint, resume_from=args.resume_from,
                             max_ckpt_num=args.max_ckpt_num, max_ckpt_mem=args.max_ckpt_mem,
                             save_interval_mins=args.save_interval_mins, async_save=args.async_save,
                             ckpt_on_error=SaveErrorPolicy(args.ckpt_on_error), save_hf_ckpt=args.save_hf_ckpt,
                             disable_ds_ckpt=args.disable_ds_ckpt, save_best_metric=args.save_best_metric,
-                            save_best_mode=BestMode(args.save_best_mode))
+                            save_best_mode=BestMode(args.save_best_mode), save_path=args.save_path,
+                            export_steps=args.export_steps, export_epochs=args.export_epochs,
+                            export_interval_mins=args.export_interval_mins, max_export_num=args.max_export_num)
 
 
 def tracker_config(args: argparse.Namespace) -> TrackerConfig:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openrl_ckpt.checkpoint import inspect as checkpoints
+from openrl_ckpt.checkpoint.files import set_aside_dirs
 from openrl_ckpt.cli.args import Parser
 from openrl_ckpt.cli.entry import run
 from openrl_ckpt.errors import UserError
@@ -94,9 +95,10 @@ def cmd_list(args: argparse.Namespace) -> None:
     if step is not None:
         infos = [i for i in infos if i.step == step]
     loose = checkpoints.uncommitted_step_dirs(root)
+    aside = [p.relative_to(root).as_posix() for p in set_aside_dirs(root)]
     if args.json:
         print(json.dumps({"ckpt_path": str(root), "checkpoints": [i.to_json() for i in infos],
-                          "uncommitted": [p.name for p in loose]}, indent=1))
+                          "uncommitted": [p.name for p in loose], "set_aside": aside}, indent=1))
     else:
         rows = [("step", "epoch", "samples", "size", "saved", "engines", "status")]
         for i in infos:
@@ -111,6 +113,8 @@ def cmd_list(args: argparse.Namespace) -> None:
             print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
         for p in loose:
             print(f"{p.name}: no manifest.json, not a committed checkpoint (resume ignores it)")
+        for name in aside:
+            print(f"{name}: set aside by --resume_from (resume and rotation ignore it)")
     if any(not i.valid for i in infos):
         raise _damage_error(infos)
 

@@ -9,6 +9,8 @@ its number and cause (exit status and the last error line). Not restarted: succe
 preemption (exit 0), a user error (exit 2: the same mistake would fail again), and a stop asked of
 this wrapper: SIGTERM/SIGUSR1/SIGINT are passed to the whole command (every rank gets it, so the
 run commits a checkpoint and stops) and the wrapper exits once all of its processes have ended.
+SIGUSR2 to the wrapper asks for a checkpoint now: it creates the command's ``<--ckpt_path>/save_now``,
+which the run answers at its next step and goes on (a signal passed to the launchers would kill them).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from openrl_ckpt.checkpoint.config import SAVE_NOW_FILE
 from openrl_ckpt.errors import UserError
 
 NO_RESTART = {0: "finished (or stopped after a committed checkpoint)",
@@ -63,6 +66,20 @@ class Supervisor:
         self.delay = delay
         self.stop_signal: int | None = None
         self.proc: subprocess.Popen[str] | None = None
+        self.ckpt_path = flag_value(command, "--ckpt_path")
+
+    def _save_now(self, signum: int, frame: object) -> None:
+        if self.ckpt_path is None:
+            _say("SIGUSR2: the command names no --ckpt_path, so there is no trigger file to create; create "
+                 f"<ckpt_path>/{SAVE_NOW_FILE} yourself")
+            return
+        trigger = os.path.join(self.ckpt_path, SAVE_NOW_FILE)
+        try:
+            open(trigger, "a").close()
+        except OSError as e:
+            _say(f"SIGUSR2: cannot create {trigger} ({e.strerror or e})")
+            return
+        _say(f"SIGUSR2: created {trigger}; the run saves a checkpoint at its next step and goes on")
 
     def _forward(self, signum: int, frame: object) -> None:
         self.stop_signal = signum
@@ -89,6 +106,7 @@ class Supervisor:
     def run(self) -> int:
         for sig in FORWARDED:
             signal.signal(sig, self._forward)
+        signal.signal(signal.SIGUSR2, self._save_now)
         restarts = 0
         while True:
             started = time.monotonic()
@@ -114,6 +132,17 @@ class Supervisor:
             time.sleep(self.delay)
             if self.stop_signal is not None:
                 return 128 + self.stop_signal
+
+
+def flag_value(command: list[str], flag: str) -> str | None:
+    """The value a command gives ``flag`` (``--flag V`` or ``--flag=V``; the last one wins), or None."""
+    value = None
+    for i, word in enumerate(command):
+        if word == flag and i + 1 < len(command):
+            value = command[i + 1]
+        elif word.startswith(flag + "="):
+            value = word.split("=", 1)[1]
+    return value
 
 
 def _wait_group(pgid: int) -> None:

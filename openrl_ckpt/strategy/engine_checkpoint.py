@@ -27,7 +27,7 @@ from openrl_ckpt.checkpoint.files import TMP_PREFIX, CheckpointError, start_writ
 from openrl_ckpt.checkpoint.manager import CheckpointManager, Resumed
 from openrl_ckpt.checkpoint.state import restore_rng, seed_everything
 from openrl_ckpt.checkpoint.universal import convert_to_universal, needs_universal
-from openrl_ckpt.strategy.hf import stage_hf_folders
+from openrl_ckpt.strategy.hf import stage_hf_folders, stage_model_folder
 
 if TYPE_CHECKING:
     from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
@@ -167,6 +167,10 @@ class DeepspeedEngines:
 
     def stage_hf(self, weights: bool) -> list[StagedWrite]:
         return stage_hf_folders(self.strategy, self.engines, self.tokenizer, weights)
+
+    def stage_export(self) -> StagedWrite | None:
+        """The first engine (the model; PPO's actor) as --save_path would hold it, gathered for rank 0."""
+        return stage_model_folder(self.strategy, next(iter(self.engines.values())), self.tokenizer)
 
     def load(self, resumed: Resumed) -> None:
         load_engines(self.strategy, resumed, self.engines)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from openrl_ckpt.checkpoint.contents import StagedWrite
+from openrl_ckpt.checkpoint.files import STEP_DIR
 from openrl_ckpt.checkpoint.inspect import HF_DIR
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.utils.atomic import atomic_folder
@@ -209,14 +210,21 @@ def stage_hf_folders(strategy: DeepspeedStrategy, engines: dict[str, Any], token
     return [HFFolder(f"{HF_DIR}/{name}", unwrap(engine), tokenizer, gathered[name]) for name, engine in engines.items()]
 
 
+def stage_model_folder(strategy: DeepspeedStrategy, engine_or_model: Any, tokenizer: Any) -> HFFolder | None:
+    """What --save_path would hold now, gathered (collective) for rank 0 to write: a model export."""
+    state_dict = full_state_dict(strategy, engine_or_model)
+    return HFFolder(".", unwrap(engine_or_model), tokenizer, state_dict) if strategy.is_rank_0 else None
+
+
 def save_model(strategy: DeepspeedStrategy, engine_or_model: Any, tokenizer: Any, save_path: str) -> None:
     """A Hugging Face folder (safetensors, config, tokenizer; a PEFT adapter folder for a LoRA model),
-    swapped in atomically (collective: every rank calls it)."""
+    swapped in atomically (collective: every rank calls it). The periodic exports inside it
+    (``global_step<N>/``, --export_steps) stay."""
     state_dict = full_state_dict(strategy, engine_or_model)
     if strategy.is_rank_0:
         target = Path(save_path)
         try:
-            with atomic_folder(target, replace=True) as tmp:
+            with atomic_folder(target, replace=True, carry=lambda name: STEP_DIR.match(name) is not None) as tmp:
                 write_hf(engine_or_model, tokenizer, tmp, state_dict)
         except OSError as e:
             raise UserError(f"--save_path {save_path}: cannot write the model ({e.strerror or e})") from None

@@ -23,7 +23,7 @@ from openrl_ckpt.data.sampler import EvalSampler, ResumableDistributedSampler
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, ReduceOp
 from openrl_ckpt.strategy.engine_checkpoint import DeepspeedEngines
 from openrl_ckpt.trainers.checkpointing import CheckpointConfig, Checkpointer, EngineStore
-from openrl_ckpt.trainers.progress import StepProgress, TrackerConfig, open_tracker
+from openrl_ckpt.trainers.progress import StepProgress, TrackerConfig, training_run
 
 log = logging.getLogger("openrl_ckpt")
 
@@ -126,16 +126,11 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train to the end; raises ``Preempted`` after a stop request (SIGTERM/SIGUSR1) has been
         handled: the step finished, a checkpoint committed, the run not exported."""
-        with self.checkpointer.session() as checkpointer:
-            self.state = checkpointer.resume(self.state)
-            with open_tracker(self.tracker_cfg, self.strategy, self.state) as tracker:
-                progress = StepProgress(self.strategy, self.state, self.total_steps, self.sampler.epoch_positions,
-                                        self.cfg.logging_steps, tracker, desc=self.cfg.algorithm)
-                try:
-                    stopped_by = self._loop(progress)
-                finally:
-                    progress.close()
-                checkpointer.finish(self.state, stopped_by)
+        with training_run(self.checkpointer, self.strategy, self.tracker_cfg, self.state, total_steps=self.total_steps,
+                          epoch_positions=self.sampler.epoch_positions, logging_steps=self.cfg.logging_steps,
+                          desc=self.cfg.algorithm) as progress:
+            self.state = progress.state
+            self.checkpointer.finish(self.state, self._loop(progress))
         return self.state
 
     def _loop(self, progress: StepProgress) -> str | None:
@@ -159,11 +154,11 @@ class Trainer:
                 samples.step(state.global_step)
                 if progress.log_due:
                     self._log_window(progress)
-                stopped_by = self.checkpointer.after_step(state, evaluate=self._evaluate_on_cadence(progress))
+                stopped_by = self.checkpointer.after_step(state, evaluate=self._evaluate_on_cadence(progress),
+                                                          epoch_end=progress.epoch_end)
                 if stopped_by is not None or progress.done:
                     break
-            if stopped_by is None and self.eval_loader is not None and self.cfg.eval_steps <= 0 and (
-                    state.consumed_samples % self.sampler.epoch_positions == 0):
+            if stopped_by is None and self.eval_loader is not None and self.cfg.eval_steps <= 0 and progress.epoch_end:
                 progress.log(self.evaluate())  # --eval_steps -1: once per epoch
         return stopped_by
 

@@ -3,16 +3,18 @@
 A loop calls four things, all on every rank together::
 
     with checkpointer.session():                       # checkpoint folder ready, stop signals recorded
-        state = checkpointer.resume(state)             # --load_checkpoint: newest valid, checked, loaded
-        ... each step: stopped_by = checkpointer.after_step(state, evaluate=...)
+        state = checkpointer.resume(state)             # --load_checkpoint / --resume_from: checked, loaded
+        ... each step: stopped_by = checkpointer.after_step(state, evaluate=..., epoch_end=...)
         checkpointer.finish(state, stopped_by)         # final save, or preemption (raises Preempted)
 
-``after_step`` is the step boundary: one small all-reduce makes a stop request on any rank, rank 0's
-save clock (--save_interval_mins) and a failed background save every rank's decision at the same
-step; then the loop's evaluation runs, and a save follows on --save_steps or the clock. Saving stages
-the contents (engines, Hugging Face folders, extra parts such as an EMA) as data and hands them to
-the ``CheckpointManager`` (synchronously, or in the background under --async_save); a failed save
-follows --ckpt_on_error. --save_best_metric pins the best checkpoint out of rotation.
+``after_step`` is the step boundary: one small all-reduce makes a stop request on any rank, a save
+request (SIGUSR2 on any rank, or ``save_now`` in --ckpt_path), rank 0's clocks (--save_interval_mins,
+--export_interval_mins) and a failed background save every rank's decision at the same step; then the
+loop's evaluation runs, a save follows on --save_steps, --save_epochs, the clock or a request, and a
+model export on its own cadence. Saving stages the contents (engines, Hugging Face folders, extra parts
+such as an EMA) as data and hands them to the ``CheckpointManager`` (synchronously, or in the background
+under --async_save); a failed save follows --ckpt_on_error. --save_best_metric pins the best checkpoint
+out of rotation; --resume_from sets the newer checkpoints of the abandoned branch aside.
 """
 
 from __future__ import annotations
@@ -24,16 +26,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from openrl_ckpt.checkpoint.config import CheckpointConfig, SaveErrorPolicy
+from openrl_ckpt.checkpoint.config import SAVE_NOW_FILE, CheckpointConfig, SaveErrorPolicy
 from openrl_ckpt.checkpoint.contents import CheckpointContents, StagedWrite
 from openrl_ckpt.checkpoint.faults import fault_point
-from openrl_ckpt.checkpoint.files import CheckpointError
+from openrl_ckpt.checkpoint.files import STEP_DIR, CheckpointError, step_dir_name
 from openrl_ckpt.checkpoint.inspect import BEST_KEY, EVAL_KEY, best_checkpoint, describe
 from openrl_ckpt.checkpoint.manager import CheckpointManager, Resumed
 from openrl_ckpt.checkpoint.preemption import Preempted, StopRequests, signal_name
 from openrl_ckpt.checkpoint.state import TrainState, incompatibility
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.strategy.deepspeed import ReduceOp
+from openrl_ckpt.trainers.exports import ModelExports
 
 log = logging.getLogger("openrl_ckpt")
 
@@ -67,6 +70,10 @@ class EngineStore(Protocol):
 
     def stage_hf(self, weights: bool) -> list[StagedWrite]: ...
 
+    def stage_export(self) -> StagedWrite | None:
+        """The model as --save_path would hold it (collective; None off rank 0)."""
+        ...
+
     def load(self, resumed: Resumed) -> None: ...
 
 
@@ -86,6 +93,20 @@ class RankInfo(Protocol):
     def global_batch_size(self) -> int: ...
 
     def all_reduce(self, values: dict[str, float], op: ReduceOp = ReduceOp.MEAN) -> dict[str, float]: ...
+
+
+BRANCH_KEY = "branch"  # train state extra: the --resume_from this run's line of checkpoints started at
+
+
+def resume_step(spec: str, root: Path) -> int:
+    """The step --resume_from names: a step number, or a ``global_step<N>`` folder of --ckpt_path."""
+    if spec.isdigit():
+        return int(spec)
+    path = Path(spec)
+    match = STEP_DIR.match(path.name)
+    if match is None or path.resolve().parent != root.resolve():
+        raise UserError(f"--resume_from {spec}: give a step number or a global_step<N> folder of --ckpt_path {root}")
+    return int(match.group(1))
 
 
 class Checkpointer:
@@ -108,9 +129,21 @@ class Checkpointer:
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._best_room_checked = False
         self._check_options(eval_steps)
+        self.exports = None
+        if cfg.periodic_exports and cfg.save_path:  # checked above: exports need a --save_path
+            self.exports = ModelExports(cfg.save_path, cfg.max_export_num, background=cfg.async_save)
+        self._last_export_time = time.monotonic()
 
     def _check_options(self, eval_steps: int | None) -> None:
         cfg = self.cfg
+        if cfg.periodic_exports:
+            if not cfg.save_path:
+                raise UserError("--export_steps / --export_epochs / --export_interval_mins need a --save_path")
+            if Path(cfg.save_path).resolve() == Path(cfg.ckpt_path).resolve():
+                raise UserError(f"--save_path {cfg.save_path} is --ckpt_path too: model exports (<save_path>/"
+                                "global_step<N>/) would be taken for checkpoints; give them another folder")
+            if cfg.max_export_num < 1:
+                raise UserError(f"--max_export_num must be at least 1, got {cfg.max_export_num}")
         if cfg.disable_ds_ckpt and self.strategy.is_rank_0:
             log.warning("--disable_ds_ckpt: checkpoints hold only a Hugging Face copy of the model (no optimizer "
                         "state or data position), so a run cannot resume from them%s",
@@ -153,20 +186,30 @@ class Checkpointer:
         self._last_save_time = time.monotonic()  # rank 0's clock decides --save_interval_mins for all ranks
         return state
 
-    def after_step(self, state: TrainState, evaluate: Callable[[], None] | None = None) -> str | None:
+    def after_step(self, state: TrainState, evaluate: Callable[[], None] | None = None,
+                   epoch_end: bool = False) -> str | None:
         """The step boundary of every loop, after the step's metrics are logged. Returns who asked to
         stop (e.g. ``SIGTERM on rank 1``) without saving; otherwise handles a failed background save,
-        runs ``evaluate`` (the loop's own cadence), and saves on --save_steps / --save_interval_mins."""
+        runs ``evaluate`` (the loop's own cadence), and saves on --save_steps, --save_epochs (``epoch_end``:
+        this step finished an epoch), --save_interval_mins or a save request (SIGUSR2 on any rank, or the
+        trigger file in --ckpt_path)."""
         cfg, strategy = self.cfg, self.strategy
         fault_point("step", state.global_step)
         stop = self._stop
         assert stop is not None, "after_step runs inside session()"
+        now = time.monotonic()
         time_due = (strategy.is_rank_0 and cfg.save_interval_mins > 0
-                    and time.monotonic() - self._last_save_time >= cfg.save_interval_mins * 60)
+                    and now - self._last_save_time >= cfg.save_interval_mins * 60)
+        export_time_due = (strategy.is_rank_0 and cfg.export_interval_mins > 0
+                           and now - self._last_export_time >= cfg.export_interval_mins * 60)
         manager = self.manager
+        trigger = Path(cfg.ckpt_path) / SAVE_NOW_FILE
         agreed = strategy.all_reduce({"stop_rank": float(strategy.rank + 1) if stop.requested else 0.0,
                                       "signal": float(stop.signum or 0), "time_due": float(time_due),
-                                      "save_failed": float(manager is not None and manager.background_failed())},
+                                      "save_failed": float(manager is not None and manager.background_failed()),
+                                      "save_rank": float(strategy.rank + 1) if stop.save_requested else 0.0,
+                                      "save_file": float(strategy.is_rank_0 and trigger.exists()),
+                                      "export_time_due": float(export_time_due)},
                                      op=ReduceOp.MAX)
         if agreed["stop_rank"]:
             stopped_by = f"{signal_name(int(agreed['signal']))} on rank {int(agreed['stop_rank']) - 1}"
@@ -178,15 +221,59 @@ class Checkpointer:
             self._wait(must_commit=False)
         if evaluate is not None:
             evaluate()
-        cadence = cfg.save_steps > 0 and state.global_step % cfg.save_steps == 0
-        if manager is not None and (cadence or agreed["time_due"]):
+        requested = self._save_request(agreed, trigger, state)
+        cadence = ((cfg.save_steps > 0 and state.global_step % cfg.save_steps == 0)
+                   or (epoch_end and cfg.save_epochs > 0 and state.epoch % cfg.save_epochs == 0))
+        if manager is not None and (cadence or agreed["time_due"] or requested):
             self.save(state)
+        if requested and strategy.is_rank_0:
+            trigger.unlink(missing_ok=True)  # answered (a failed save is logged; ask again to retry)
+        export_cadence = ((cfg.export_steps > 0 and state.global_step % cfg.export_steps == 0)
+                          or (epoch_end and cfg.export_epochs > 0 and state.epoch % cfg.export_epochs == 0))
+        if self.exports is not None and (export_cadence or agreed["export_time_due"]):
+            self.export(state.global_step)
         return None
+
+    def export(self, step: int) -> None:
+        """A model export of this step (collective), under --async_save written in the background; a failed
+        one follows --ckpt_on_error like a failed save."""
+        assert self.exports is not None
+        self._last_export_time = time.monotonic()
+        try:
+            self.exports.write(step, self.engines.stage_export())
+        except CheckpointError as e:
+            self._save_failed(e, must_commit=False)
+
+    def _wait_exports(self) -> None:
+        if self.exports is None:
+            return
+        try:
+            self.exports.wait()
+        except CheckpointError as e:
+            self._save_failed(e, must_commit=False)
+
+    def _save_request(self, agreed: dict[str, float], trigger: Path, state: TrainState) -> bool:
+        """Whether a rank got SIGUSR2 or rank 0 found the trigger file: say who asked, and forget the request."""
+        assert self._stop is not None
+        self._stop.save_requested = False
+        if not (agreed["save_rank"] or agreed["save_file"]):
+            return False
+        who = (f"SIGUSR2 on rank {int(agreed['save_rank']) - 1}" if agreed["save_rank"] else f"{trigger}")
+        if self.strategy.is_rank_0:
+            if self.manager is None:
+                log.warning("save requested (%s) at step %d, but this run has no checkpoint folder (set "
+                            "--save_steps, --save_epochs, --save_interval_mins or --load_checkpoint); going on",
+                            who, state.global_step)
+            else:
+                log.info("save requested (%s): saving a checkpoint at step %d/%d, then training goes on", who,
+                         state.global_step, self.total_steps)
+        return True
 
     def finish(self, state: TrainState, stopped_by: str | None) -> None:
         """The end of a loop. Not stopped: the finished state is saved (so a rerun of the same command
         only re-exports) and the background save waited for. Stopped: a checkpoint is committed and
         ``Preempted`` raised, so the CLI exits without exporting."""
+        self._wait_exports()  # the final model goes into the same folder
         if stopped_by is not None:
             self._preempted(state, stopped_by)
         if self.manager is not None and self.cfg.periodic_saves and self._last_saved != state.global_step:
@@ -203,12 +290,46 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ resume
     def _find_resumable(self) -> Resumed | None:
-        if not self.cfg.load_checkpoint or self.cfg.disable_ds_ckpt:  # --disable_ds_ckpt: said at start
+        cfg = self.cfg
+        if cfg.disable_ds_ckpt:  # --disable_ds_ckpt: said at start
+            return None
+        if cfg.resume_from is not None:
+            return self._resume_from(cfg.resume_from)
+        if not cfg.load_checkpoint:
             return None
         resumed = self.manager.find_resumable() if self.manager is not None else None
         if resumed is None:
-            log.info("--load_checkpoint: no checkpoint in %s, starting fresh", self.cfg.ckpt_path)
+            log.info("--load_checkpoint: no checkpoint in %s, starting fresh", cfg.ckpt_path)
         return resumed
+
+    def _resume_from(self, spec: str) -> Resumed:
+        """--resume_from: the chosen checkpoint, verified; the newer checkpoints of the run it leaves are set
+        aside (never deleted, never resumed). Applied once: when the newest checkpoint already descends from
+        a resume at this step (the same command rerun after a crash), the run continues that branch."""
+        manager = self.manager
+        assert manager is not None
+        step = resume_step(spec, manager.root)
+        newest = manager.find_resumable()
+        branch = newest.state.extra.get(BRANCH_KEY) if newest is not None else None
+        if newest is not None and branch is not None and branch.get("from_step") == step:
+            if self.strategy.is_rank_0:
+                log.info("--resume_from %d: this run already went back to step %d (branch %s); continuing its "
+                         "newest checkpoint, step %d", step, step, branch["name"], newest.step)
+            return newest
+        chosen = manager.load_step(step)
+        if not isinstance(chosen, Resumed):
+            raise UserError(f"--resume_from {spec}: {manager.root / step_dir_name(step)} cannot be resumed: {chosen}")
+        newer = [s for s in manager.committed_steps() if s > step]
+        name = f"resumed-from-{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        name = manager.comm.broadcast_object(name)  # every rank's clock may say another second
+        if newer:
+            folder = manager.set_aside(newer, name)
+            if self.strategy.is_rank_0:
+                log.warning("--resume_from %d: the newer checkpoints of the run left behind (steps %s) are set aside "
+                            "in %s: resume and rotation ignore them, nothing deletes them", step,
+                            ", ".join(map(str, sorted(newer))), folder)
+        chosen.state.extra[BRANCH_KEY] = {"from_step": step, "name": name, "set_aside": sorted(newer)}
+        return chosen
 
     def _load(self, resumed: Resumed, state: TrainState) -> TrainState:
         assert self.manager is not None

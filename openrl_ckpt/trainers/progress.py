@@ -1,5 +1,6 @@
 """The bookkeeping every training loop shares: the train state's counters, the progress bar, the logging
-window and the rank-0 log line (plus wandb / tensorboard through the tracker)."""
+window and the rank-0 log line (plus wandb / tensorboard through the tracker), and the frame every
+loop's ``fit`` runs in (``training_run``)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from openrl_ckpt.checkpoint.state import TrainState
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
 from openrl_ckpt.utils.tracking import Tracker
+
+if TYPE_CHECKING:
+    from openrl_ckpt.trainers.checkpointing import Checkpointer
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,22 @@ class TrackerConfig:
     wandb_org: str | None = None
     use_tensorboard: str | None = None
     run_config: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def training_run(checkpointer: Checkpointer, strategy: DeepspeedStrategy, tracker_cfg: TrackerConfig,
+                 state: TrainState, *, total_steps: int, epoch_positions: int, logging_steps: int,
+                 desc: str) -> Iterator[StepProgress]:
+    """The frame every loop's ``fit`` runs in: the checkpointer's session, resume, the tracker and the
+    progress of the resumed state (``progress.state``), closed in that order on the way out."""
+    with checkpointer.session():
+        state = checkpointer.resume(state)
+        with open_tracker(tracker_cfg, strategy, state) as tracker:
+            progress = StepProgress(strategy, state, total_steps, epoch_positions, logging_steps, tracker, desc)
+            try:
+                yield progress
+            finally:
+                progress.close()
 
 
 @contextlib.contextmanager
@@ -92,6 +112,11 @@ class StepProgress:
     def log_due(self) -> bool:
         step = self.state.global_step
         return step % self.logging_steps == 0 or step == self.total_steps
+
+    @property
+    def epoch_end(self) -> bool:
+        """Whether the step just counted finished an epoch."""
+        return self.state.consumed_samples % self.epoch_positions == 0
 
     @property
     def epoch_progress(self) -> float:

@@ -70,11 +70,14 @@ def write_file_atomic(path: Path, write: str | bytes | Callable[[IO[str]], None]
 
 
 @contextlib.contextmanager
-def atomic_folder(target: Path, *, replace: bool = False) -> Iterator[Path]:
+def atomic_folder(target: Path, *, replace: bool = False,
+                  carry: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Yield a temp folder beside ``target``; when the block succeeds, fsync it and rename it to
     ``target``. ``replace``: an existing ``target`` is moved aside first and deleted after the rename
-    (a crash in between leaves one of the two whole); otherwise ``target`` must not exist or be an
-    empty folder. On any failure the temp folder is removed and ``target`` is untouched."""
+    (a crash in between leaves one of the two whole), except the entries ``carry`` names, which move
+    into the new folder (renames: periodic model exports kept inside a final model's folder);
+    otherwise ``target`` must not exist or be an empty folder. On any failure the temp folder is
+    removed and ``target`` is as it was."""
     tmp = temp_sibling(target)
     try:
         tmp.mkdir()
@@ -83,9 +86,21 @@ def atomic_folder(target: Path, *, replace: bool = False) -> Iterator[Path]:
         old = temp_sibling(target, "old") if replace and target.exists() else None
         if old is not None:
             os.rename(target, old)
-        elif target.exists():
-            target.rmdir()  # empty (a non-empty one raises: never overwrite what is there)
-        os.rename(tmp, target)
+            carried = [name for name in sorted(os.listdir(old)) if carry is not None and carry(name)]
+            try:
+                for name in carried:
+                    os.rename(old / name, tmp / name)
+                os.rename(tmp, target)
+            except OSError:
+                for name in carried:  # put the previous folder back whole
+                    if (tmp / name).exists():
+                        os.rename(tmp / name, old / name)
+                os.rename(old, target)
+                raise
+        else:
+            if target.exists():
+                target.rmdir()  # empty (a non-empty one raises: never overwrite what is there)
+            os.rename(tmp, target)
         fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

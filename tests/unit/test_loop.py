@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from openrl_ckpt.checkpoint.comm import SingleProcessComm
-from openrl_ckpt.checkpoint.config import BestMode, CheckpointConfig, SaveErrorPolicy
+from openrl_ckpt.checkpoint.config import SAVE_NOW_FILE, BestMode, CheckpointConfig, SaveErrorPolicy
 from openrl_ckpt.checkpoint.contents import StagedWrite, TensorFile
 from openrl_ckpt.checkpoint.files import CheckpointError, committed_steps, read_manifest
 from openrl_ckpt.checkpoint.manager import CheckpointManager, Resumed
@@ -93,11 +93,17 @@ class WeightsStore:
         manager.prepare()
         return manager
 
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+
     def stage(self, staging: Path, host_copy: bool) -> list[StagedWrite]:
-        return [TensorFile(WEIGHTS, {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()})]
+        return [TensorFile(WEIGHTS, self._weights())]
 
     def stage_hf(self, weights: bool) -> list[StagedWrite]:
         return []
+
+    def stage_export(self) -> StagedWrite:
+        return TensorFile("model.safetensors", self._weights())
 
     def load(self, resumed: Resumed) -> None:
         self.engine.module.load_state_dict(load_file(str(resumed.path / WEIGHTS)))
@@ -109,10 +115,11 @@ class Regression:
     name = "regression"
 
     def __init__(self, engine: StandInEngine, stop_at_call: int | None = None,
-                 eval_losses: list[float] | None = None) -> None:
+                 eval_losses: list[float] | None = None, at_call: dict[int, Any] | None = None) -> None:
         self.engine = engine
         self.calls = 0
         self.stop_at_call = stop_at_call
+        self.at_call = dict(at_call or {})  # call number -> what a user does during that micro batch
         self.trained: list[int] = []
         self.eval_losses = list(eval_losses or [])
         self.steps_seen = 0
@@ -121,6 +128,8 @@ class Regression:
         self.calls += 1
         if self.calls == self.stop_at_call:
             os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice arrives during this micro batch
+        if self.calls in self.at_call:
+            self.at_call.pop(self.calls)()
         self.trained.extend(int(i) for i in batch["index"])
         loss = torch.nn.functional.mse_loss(self.engine(batch["x"]), batch["y"])
         return StepOutput(loss=loss, metrics={"loss": loss.item()}, tokens=len(batch["index"]))
@@ -150,10 +159,11 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 def make_trainer(ckpt: CheckpointConfig, *, samples: int = 10, micro: int = 1, global_batch: int = 2,
                  epochs: int = 1, stop_at_call: int | None = None, eval_losses: list[float] | None = None,
-                 eval_steps: int = -1) -> tuple[Trainer, Regression, StandInEngine]:
+                 eval_steps: int = -1,
+                 at_call: dict[int, Any] | None = None) -> tuple[Trainer, Regression, StandInEngine]:
     strategy = OneProcess(micro, global_batch)
     engine = StandInEngine(strategy.grad_accum)
-    algorithm = Regression(engine, stop_at_call, eval_losses)
+    algorithm = Regression(engine, stop_at_call, eval_losses, at_call)
     cfg = LoopConfig(algorithm="regression", max_epochs=epochs, seed=3, checkpoint=ckpt, eval_steps=eval_steps)
     data = rows(samples)
     trainer = Trainer(strategy, engine, algorithm, data, collate, cfg, TrackerConfig(), "fingerprint",
@@ -267,3 +277,64 @@ def test_checkpoint_options_are_checked_before_training(tmp_path):
         make_trainer(CheckpointConfig(str(tmp_path), save_best_metric="eval_loss"))
     with pytest.raises(UserError, match="needs --eval_steps > 0"):
         make_trainer(CheckpointConfig(str(tmp_path), save_best_metric="eval_loss"), eval_losses=[])
+
+
+def test_epoch_cadence_with_accumulation_and_a_partial_last_batch(tmp_path):
+    """10 samples, global batch 4 of micro 1 (4 micro batches a step): 3 steps an epoch, 3 epochs."""
+    every = make_trainer(CheckpointConfig(str(tmp_path / "every"), save_epochs=1, max_ckpt_num=10), global_batch=4,
+                         epochs=3)[0]
+    every.fit()
+    assert committed_steps(tmp_path / "every") == [9, 6, 3]
+    second = make_trainer(CheckpointConfig(str(tmp_path / "second"), save_epochs=2, max_ckpt_num=10), global_batch=4,
+                          epochs=3)[0]
+    second.fit()
+    assert committed_steps(tmp_path / "second") == [9, 6], "epoch 2, and the final save"
+
+
+def test_save_now_by_signal_and_by_file_and_training_goes_on(tmp_path, caplog):
+    ckpt = tmp_path / "ckpt"
+    trigger = ckpt / SAVE_NOW_FILE
+    # global batch 2 of micro 1: calls 3-4 are step 2, calls 7-8 step 4
+    at_call = {3: lambda: os.kill(os.getpid(), signal.SIGUSR2), 7: trigger.touch}
+    caplog.set_level("INFO", logger="openrl_ckpt")
+    trainer, _, _ = make_trainer(CheckpointConfig(str(ckpt), save_steps=10, max_ckpt_num=10), at_call=at_call)
+    assert trainer.fit().global_step == 5
+    assert committed_steps(ckpt) == [5, 4, 2], "saved at the requests (steps 2 and 4) and at the end"
+    assert not trigger.exists(), "an answered trigger file is removed"
+    assert "save requested (SIGUSR2 on rank 0): saving a checkpoint at step 2/5" in caplog.text
+    assert f"save requested ({trigger}): saving a checkpoint at step 4/5" in caplog.text
+
+
+def test_resume_from_a_chosen_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog):
+    from openrl_ckpt.checkpoint.files import set_aside_dirs
+    from openrl_ckpt.errors import UserError
+
+    cfg = CheckpointConfig(str(tmp_path), save_steps=1, max_ckpt_num=2, load_checkpoint=True)
+    make_trainer(cfg)[0].fit()
+    assert committed_steps(tmp_path) == [5, 4]
+    with pytest.raises(UserError, match=r"--resume_from 2: .*global_step2 cannot be resumed: .*no manifest.json"):
+        make_trainer(replace(cfg, resume_from="2"))[0].fit()
+    caplog.set_level("INFO", logger="openrl_ckpt")
+    rollback, algorithm, _ = make_trainer(replace(cfg, resume_from=str(tmp_path / "global_step4")))
+    assert rollback.fit().global_step == 5 and len(algorithm.trained) == 2, "step 5 trained again"
+    assert [p.name for p in set_aside_dirs(tmp_path)] == ["global_step5"], "the old step 5, kept"
+    assert committed_steps(tmp_path) == [5, 4], "rotation never touched the set-aside one"
+    assert "set aside in" in caplog.text
+    again, algorithm, _ = make_trainer(replace(cfg, resume_from="4"))  # the same command, rerun
+    assert again.fit().global_step == 5 and algorithm.trained == [], "the branch goes on; no second roll-back"
+    assert len(set_aside_dirs(tmp_path)) == 1
+    with pytest.raises(UserError, match="give a step number or a global_step<N> folder of --ckpt_path"):
+        make_trainer(replace(cfg, resume_from=str(tmp_path / "elsewhere" / "global_step4")))[0].fit()
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_exports_on_their_own_cadence_and_rotation(tmp_path, background):
+    save_path = tmp_path / "out"
+    cfg = CheckpointConfig(str(tmp_path / "ckpt"), save_steps=5, export_steps=2, max_export_num=1,
+                           save_path=str(save_path), async_save=background)
+    trainer, _, engine = make_trainer(cfg)
+    trainer.fit()
+    assert sorted(p.name for p in save_path.iterdir()) == ["global_step4"], "step 2 rotated out"
+    assert committed_steps(tmp_path / "ckpt") == [5], "exports are not checkpoints"
+    exported = load_file(str(save_path / "global_step4" / "model.safetensors"))
+    assert exported.keys() == weights(engine).keys()

@@ -30,7 +30,7 @@ from openrl_ckpt.trainers.common import check_frozen_identity
 from openrl_ckpt.trainers.ppo.ema import EmaPart, EmaWeights
 from openrl_ckpt.trainers.ppo.experience import Experience, ExperienceMaker, PPOConfig, action_logprobs, critic_values
 from openrl_ckpt.trainers.ppo.ptx import PtxFeed
-from openrl_ckpt.trainers.progress import StepProgress, TrackerConfig, open_tracker
+from openrl_ckpt.trainers.progress import StepProgress, TrackerConfig, training_run
 
 log = logging.getLogger("openrl_ckpt")
 
@@ -100,16 +100,11 @@ class PPOTrainer:
 
     def fit(self) -> TrainState:
         """Train to the end; raises ``Preempted`` once a stop request is handled (checkpoint committed)."""
-        with self.checkpointer.session() as checkpointer:
-            self.state = checkpointer.resume(self.state)
-            with open_tracker(self.tracker_cfg, self.strategy, self.state) as tracker:
-                progress = StepProgress(self.strategy, self.state, self.total_steps, self.sampler.epoch_positions,
-                                        self.cfg.logging_steps, tracker, desc=self.cfg.algorithm)
-                try:
-                    stopped_by = self._loop(progress)
-                finally:
-                    progress.close()
-                checkpointer.finish(self.state, stopped_by)
+        with training_run(self.checkpointer, self.strategy, self.tracker_cfg, self.state, total_steps=self.total_steps,
+                          epoch_positions=self.sampler.epoch_positions, logging_steps=self.cfg.logging_steps,
+                          desc=self.cfg.algorithm) as progress:
+            self.state = progress.state
+            self.checkpointer.finish(self.state, self._loop(progress))
         return self.state
 
     def _loop(self, progress: StepProgress) -> str | None:
@@ -134,7 +129,7 @@ class PPOTrainer:
                                    step_s=time.perf_counter() - started, episode=state.epoch,
                                    peak_mem_gb=strategy.all_reduce({"m": _peak_memory_gb()}, op=ReduceOp.MAX)["m"])
                     progress.log(metrics)
-                stopped_by = self.checkpointer.after_step(state)
+                stopped_by = self.checkpointer.after_step(state, epoch_end=progress.epoch_end)
                 if stopped_by is not None or progress.done:
                     break
         return stopped_by
