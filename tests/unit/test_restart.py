@@ -77,3 +77,15 @@ def test_describe_and_cause():
     assert last_cause(lines[2:]) == "[launch] ... exits with return code = 1"
     assert last_cause(["error: --dataset x: no such file\n", "done\n"]) == "error: --dataset x: no such file"
     assert last_cause(["all fine\n"]) is None
+
+
+def test_sigusr2_to_the_wrapper_creates_the_save_now_trigger(tmp_path, capsys):
+    from openrl_ckpt.checkpoint.config import SAVE_NOW_FILE
+    from openrl_ckpt.cli.restart import Supervisor, flag_value
+
+    command = ["deepspeed", "--module", "openrl_ckpt.cli.train_sft", "--ckpt_path", "a", f"--ckpt_path={tmp_path}"]
+    assert flag_value(command, "--ckpt_path") == str(tmp_path), "the last one wins, as argparse decides"
+    Supervisor(command, max_restarts=0, delay=0)._save_now(signal.SIGUSR2, None)
+    assert (tmp_path / SAVE_NOW_FILE).exists()
+    Supervisor(["python", "-m", "x", "--load_checkpoint"], max_restarts=0, delay=0)._save_now(signal.SIGUSR2, None)
+    assert "names no --ckpt_path" in capsys.readouterr().err
