@@ -93,7 +93,9 @@ class CheckpointManager:
         # The same ranks over a group of their own, for the collectives of background saves.
         self.background_comm = background_comm
         self._pending: _Pending | None = None
-        self._staging: int | None = None  # the step whose staging folder ``begin`` created
+        # the step whose staging folder ``begin`` created, and when: a save's time counts from there, so the
+        # staging of the contents (DeepSpeed's save_checkpoint, host copies) is part of what blocks training
+        self._staging: tuple[int, float] | None = None
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -213,9 +215,10 @@ class CheckpointManager:
         ``step`` (collective). Staging that writes some files there itself (DeepSpeed's ``save_checkpoint``)
         calls this first; ``save`` begins by itself otherwise."""
         self.wait()
+        started = time.perf_counter()
         tmp = staging_path(self.root, step)
         self._leader_fs(self.comm, lambda: begin_staging(self.root, step), tmp, "create")
-        self._staging = step
+        self._staging = (step, started)
         return tmp
 
     def abort(self, step: int) -> None:
@@ -243,11 +246,11 @@ class CheckpointManager:
         if background and self.background_comm is None:
             raise ValueError("a background save needs a background_comm")
         step = state.global_step
-        if self._staging != step:
+        if self._staging is None or self._staging[0] != step:
             self.begin(step)
-        self._staging = None
+        assert self._staging is not None
+        started, self._staging = self._staging[1], None
         tmp, final = staging_path(self.root, step), self.root / step_dir_name(step)
-        started = time.perf_counter()
         # Every rank's RNG goes into the one JSON state file, captured now (training moves on).
         state.rng = self.comm.all_gather_object(capture_rng())
         state.world_size = self.comm.world_size
