@@ -178,7 +178,8 @@ class Checkpointer:
 
     def resume(self, state: TrainState) -> TrainState:
         """With --load_checkpoint, the state of the newest checkpoint that verifies and can continue this
-        run, its engines and parts loaded; otherwise ``state`` itself (a fresh start, said in the log)."""
+        run (with --resume_from, the chosen one), its engines and parts loaded; otherwise ``state`` itself
+        (a fresh start, said in the log)."""
         resumed = self._find_resumable()
         if resumed is not None:
             state = self._load(resumed, state)
@@ -262,7 +263,8 @@ class Checkpointer:
         if self.strategy.is_rank_0:
             if self.manager is None:
                 log.warning("save requested (%s) at step %d, but this run has no checkpoint folder (set "
-                            "--save_steps, --save_epochs, --save_interval_mins or --load_checkpoint); going on",
+                            "--save_steps, --save_epochs, --save_interval_mins, --load_checkpoint or --resume_from); "
+                            "going on",
                             who, state.global_step)
             else:
                 log.info("save requested (%s): saving a checkpoint at step %d/%d, then training goes on", who,
