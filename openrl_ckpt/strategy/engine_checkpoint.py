@@ -162,11 +162,9 @@ class DeepspeedEngines:
                      background: bool) -> CheckpointManager:
         return open_checkpoint_manager(ckpt_path, max_ckpt_num, max_ckpt_mem_gb, background)
 
-    def stage(self, staging: Path, host_copy: bool) -> list[StagedWrite]:
-        return stage_engines(self.engines, staging, host_copy)
-
-    def stage_hf(self, weights: bool) -> list[StagedWrite]:
-        return stage_hf_folders(self.strategy, self.engines, self.tokenizer, weights)
+    def stage(self, staging: Path, *, host_copy: bool, engine_files: bool, hf_weights: bool) -> list[StagedWrite]:
+        items = stage_engines(self.engines, staging, host_copy) if engine_files else []
+        return items + stage_hf_folders(self.strategy, self.engines, self.tokenizer, hf_weights)
 
     def stage_export(self) -> StagedWrite | None:
         """The first engine (the model; PPO's actor) as --save_path would hold it, gathered for rank 0."""

@@ -66,9 +66,10 @@ class EngineStore(Protocol):
     def open_manager(self, ckpt_path: str, max_ckpt_num: int, max_ckpt_mem_gb: float,
                      background: bool) -> CheckpointManager: ...
 
-    def stage(self, staging: Path, host_copy: bool) -> list[StagedWrite]: ...
-
-    def stage_hf(self, weights: bool) -> list[StagedWrite]: ...
+    def stage(self, staging: Path, *, host_copy: bool, engine_files: bool, hf_weights: bool) -> list[StagedWrite]:
+        """The engines' files (``engine_files``; copied to host memory with ``host_copy``) and each engine's
+        Hugging Face folder (config and tokenizer; the weights too with ``hf_weights``), collective."""
+        ...
 
     def stage_export(self) -> StagedWrite | None:
         """The model as --save_path would hold it (collective; None off rank 0)."""
@@ -393,9 +394,8 @@ class Checkpointer:
         (the weights too under --save_hf_ckpt / --disable_ds_ckpt) and the extra parts."""
         cfg = self.cfg
         contents = CheckpointContents()
-        if not cfg.disable_ds_ckpt:
-            contents.extend(self.engines.stage(staging, host_copy=cfg.async_save))
-        contents.extend(self.engines.stage_hf(weights=cfg.save_hf_ckpt or cfg.disable_ds_ckpt))
+        contents.extend(self.engines.stage(staging, host_copy=cfg.async_save, engine_files=not cfg.disable_ds_ckpt,
+                                           hf_weights=cfg.save_hf_ckpt or cfg.disable_ds_ckpt))
         for part in self.parts.values():
             contents.extend(part.stage(self.strategy.is_rank_0))
         return contents

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from openrl_ckpt.checkpoint.comm import SingleProcessComm
-from openrl_ckpt.checkpoint.commit import GroupFiles, begin_staging, commit_checkpoint, write_group
-from openrl_ckpt.checkpoint.contents import BytesFile, CheckpointContents
+from openrl_ckpt.checkpoint.commit import begin_staging, commit_checkpoint, write_group
+from openrl_ckpt.checkpoint.contents import BytesFile, CheckpointContents, GroupFiles
 from openrl_ckpt.checkpoint.files import LATEST, MANIFEST, CheckpointError, committed_steps
 from openrl_ckpt.checkpoint.inspect import verify
 from openrl_ckpt.checkpoint.manager import CheckpointManager

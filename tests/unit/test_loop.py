@@ -96,11 +96,8 @@ class WeightsStore:
     def _weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
 
-    def stage(self, staging: Path, host_copy: bool) -> list[StagedWrite]:
-        return [TensorFile(WEIGHTS, self._weights())]
-
-    def stage_hf(self, weights: bool) -> list[StagedWrite]:
-        return []
+    def stage(self, staging: Path, *, host_copy: bool, engine_files: bool, hf_weights: bool) -> list[StagedWrite]:
+        return [TensorFile(WEIGHTS, self._weights())] if engine_files else []
 
     def stage_export(self) -> StagedWrite:
         return TensorFile("model.safetensors", self._weights())

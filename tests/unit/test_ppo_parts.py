@@ -28,7 +28,7 @@ def test_critic_values_at_every_position_match_the_reward_at_the_last(tiny_model
 def test_layout_puts_prompts_right_aligned_and_answers_after() -> None:
     from openrl_ckpt.data.padding import left_pad
     from openrl_ckpt.inference.generation import Generation
-    from openrl_ckpt.trainers.ppo.experience import ExperienceMaker, last_token_index
+    from openrl_ckpt.trainers.ppo.experience import last_token_index, layout_rollout
 
     pad = 0
     ids1, m1 = left_pad([[3, 4], [5]], pad)
@@ -36,9 +36,7 @@ def test_layout_puts_prompts_right_aligned_and_answers_after() -> None:
                     2, [True, False])
     ids2, m2 = left_pad([[6, 6, 6]], pad)
     g2 = Generation(torch.cat([ids2, torch.tensor([[2, 0, 0]])], 1), torch.tensor([[True, False, False]]), 3, [True])
-    maker = ExperienceMaker.__new__(ExperienceMaker)
-    maker.pad = pad
-    exp = maker._layout([(g1, m1), (g2, m2)], torch.device("cpu"))
+    exp = layout_rollout([(g1, m1), (g2, m2)], pad, torch.device("cpu"))
     assert exp.prompt_len == 3
     assert exp.sequences.tolist() == [[0, 3, 4, 7, 2, 0], [0, 0, 5, 8, 9, 0], [6, 6, 6, 2, 0, 0]]
     assert exp.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]

@@ -13,6 +13,7 @@ value of the state before that token is read too.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 
 from openrl_ckpt.data.padding import left_pad
 from openrl_ckpt.inference.batching import batch_seed
-from openrl_ckpt.inference.generation import SamplingConfig, generate
+from openrl_ckpt.inference.generation import Generation, SamplingConfig, generate
 from openrl_ckpt.models.loss import KLEstimator, discounted_returns, gae, kl_estimate, token_logprobs
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, FrozenModel, ReduceOp
 from openrl_ckpt.trainers.ppo.control import FixedKLController, RunningMoments, group_norm, rloo_baseline
@@ -154,7 +155,7 @@ class ExperienceMaker:
                            pad_token_id=self.pad, zero_stage=self.strategy.cfg.zero_stage,
                            seed=batch_seed(cfg.seed, step, self.strategy.rank * calls + i))
             gens.append((gen, mask))
-        exp = self._layout(gens, dev)
+        exp = layout_rollout(gens, self.pad, dev)
 
         # scores, log-probabilities and values in micro batches over the common layout
         self.actor.eval()
@@ -173,67 +174,84 @@ class ExperienceMaker:
         self.actor.train()
         if self.critic is not None:
             self.critic.train()
-        mask = exp.action_mask.float()
-        exp.old_logp = torch.cat(parts["old_logp"]) * mask
-        score = torch.cat(parts["score"])
-        kl = (kl_estimate(exp.old_logp, torch.cat(parts["ref_logp"]), cfg.kl_estimator) * mask
-              if self.ref is not None else torch.zeros_like(mask))
-        values = torch.cat(parts["values"]) * mask if self.critic is not None else None
-
-        metrics = {"reward": float(score.mean()), "response_length": float(mask.sum(1).mean()),
-                   "kl": float(kl.sum(1).mean()), "kl_coef": self.kl_ctl.value}
-        reward = score
-        if cfg.normalize_reward:
-            totals = self.strategy.all_reduce({"sum": float(score.double().sum()),
-                                               "sq": float((score.double() ** 2).sum()), "n": float(score.numel())},
-                                              op=ReduceOp.SUM)
-            self.moments.update(totals["sum"], totals["sq"], totals["n"])
-            reward = self.moments.normalize(score)
-        reward = reward.clamp(*cfg.reward_clip_range)
-        n = cfg.n_samples_per_prompt
-        if cfg.advantage_estimator is AdvantageEstimator.RLOO:
-            reward = rloo_baseline(reward, n)
-        elif cfg.advantage_estimator is AdvantageEstimator.GROUP_NORM:
-            reward = group_norm(reward, n)
-        token_rewards = -self.kl_ctl.value * kl
-        token_rewards[torch.arange(len(exp), device=dev), last_token_index(exp.action_mask)] += reward
-        if cfg.advantage_estimator.trains_critic:
-            assert values is not None
-            exp.advantages, exp.returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lambd)
-            exp.values = values
-            exp.advantages = self._whiten(exp.advantages, mask)
-        else:
-            exp.advantages = discounted_returns(token_rewards, mask, cfg.gamma)
-            if cfg.advantage_estimator is AdvantageEstimator.REINFORCE:
-                exp.advantages = self._whiten(exp.advantages, mask)
+        exp.old_logp = torch.cat(parts["old_logp"])
+        metrics = assign_advantages(
+            exp, torch.cat(parts["score"]), torch.cat(parts["ref_logp"]) if self.ref is not None else None,
+            torch.cat(parts["values"]) if self.critic is not None else None, cfg, self.kl_ctl, self.moments,
+            lambda values: self.strategy.all_reduce(values, op=ReduceOp.SUM))
         return exp, metrics
 
-    def _layout(self, gens: list[tuple[Any, torch.Tensor]], dev: torch.device) -> Experience:
-        """The micro batches' generations in one layout: prompts right-aligned at P, answers from P on."""
-        P = max(g.prompt_len for g, _ in gens)
-        T = max(g.responses.shape[1] for g, _ in gens)
-        S = sum(g.sequences.shape[0] for g, _ in gens)
-        seq = torch.full((S, P + T), self.pad, dtype=torch.long, device=dev)
-        attn = torch.zeros((S, P + T), dtype=torch.long, device=dev)
-        action = torch.zeros((S, T), dtype=torch.bool, device=dev)
-        r = 0
-        for g, prompt_mask in gens:
-            b, p, t = g.sequences.shape[0], g.prompt_len, g.responses.shape[1]
-            seq[r:r + b, P - p:P] = g.sequences[:, :p]
-            attn[r:r + b, P - p:P] = prompt_mask.to(dev)
-            seq[r:r + b, P:P + t] = torch.where(g.response_mask, g.responses, self.pad)
-            action[r:r + b, :t] = g.response_mask
-            r += b
-        attn[:, P:] = action.long()
-        position_ids = (attn.cumsum(1) - 1).clamp(min=0)
-        empty = torch.zeros((S, T), device=dev)
-        return Experience(seq, attn, position_ids, P, action, empty, empty, None, None)
 
-    def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(x - mean) / std over every rank's answer tokens."""
-        t = self.strategy.all_reduce({"sum": float((x * mask).double().sum()),
-                                      "sq": float(((x * mask) ** 2).double().sum()), "n": float(mask.sum())},
-                                     op=ReduceOp.SUM)
-        mean = t["sum"] / max(t["n"], 1.0)
-        var = max(t["sq"] / max(t["n"], 1.0) - mean * mean, 0.0)
-        return (x - mean) / (var ** 0.5 + 1e-8) * mask
+Totals = Callable[[dict[str, float]], dict[str, float]]  # sums over every rank that holds part of the rollout
+
+
+def assign_advantages(exp: Experience, score: torch.Tensor, ref_logp: torch.Tensor | None,
+                      values: torch.Tensor | None, cfg: PPOConfig, kl_ctl: FixedKLController,
+                      moments: RunningMoments, totals: Totals) -> dict[str, float]:
+    """Scores into rewards and per-token advantages (and returns, with a critic), in place on ``exp``
+    (whose ``old_logp`` is set). ``totals`` sums statistics over the ranks that share the rollout (the
+    identity when one process holds all of it); returns this part's metrics."""
+    dev = exp.sequences.device
+    mask = exp.action_mask.float()
+    exp.old_logp = exp.old_logp * mask
+    kl = (kl_estimate(exp.old_logp, ref_logp, cfg.kl_estimator) * mask if ref_logp is not None
+          else torch.zeros_like(mask))
+    values = values * mask if values is not None else None
+    metrics = {"reward": float(score.mean()), "response_length": float(mask.sum(1).mean()),
+               "kl": float(kl.sum(1).mean()), "kl_coef": kl_ctl.value}
+    reward = score
+    if cfg.normalize_reward:
+        sums = totals({"sum": float(score.double().sum()), "sq": float((score.double() ** 2).sum()),
+                       "n": float(score.numel())})
+        moments.update(sums["sum"], sums["sq"], sums["n"])
+        reward = moments.normalize(score)
+    reward = reward.clamp(*cfg.reward_clip_range)
+    n = cfg.n_samples_per_prompt
+    if cfg.advantage_estimator is AdvantageEstimator.RLOO:
+        reward = rloo_baseline(reward, n)
+    elif cfg.advantage_estimator is AdvantageEstimator.GROUP_NORM:
+        reward = group_norm(reward, n)
+    token_rewards = -kl_ctl.value * kl
+    token_rewards[torch.arange(len(exp), device=dev), last_token_index(exp.action_mask)] += reward
+    if cfg.advantage_estimator.trains_critic:
+        assert values is not None
+        exp.advantages, exp.returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lambd)
+        exp.values = values
+        exp.advantages = whiten(exp.advantages, mask, totals)
+    else:
+        exp.advantages = discounted_returns(token_rewards, mask, cfg.gamma)
+        if cfg.advantage_estimator is AdvantageEstimator.REINFORCE:
+            exp.advantages = whiten(exp.advantages, mask, totals)
+    return metrics
+
+
+def layout_rollout(gens: list[tuple[Generation, torch.Tensor]], pad: int, dev: torch.device) -> Experience:
+    """Generations (each with its prompts' attention mask) in one layout: prompts right-aligned at P,
+    answers from P on."""
+    P = max(g.prompt_len for g, _ in gens)
+    T = max(g.responses.shape[1] for g, _ in gens)
+    S = sum(g.sequences.shape[0] for g, _ in gens)
+    seq = torch.full((S, P + T), pad, dtype=torch.long, device=dev)
+    attn = torch.zeros((S, P + T), dtype=torch.long, device=dev)
+    action = torch.zeros((S, T), dtype=torch.bool, device=dev)
+    r = 0
+    for g, prompt_mask in gens:
+        b, p, t = g.sequences.shape[0], g.prompt_len, g.responses.shape[1]
+        seq[r:r + b, P - p:P] = g.sequences[:, :p]
+        attn[r:r + b, P - p:P] = prompt_mask.to(dev)
+        seq[r:r + b, P:P + t] = torch.where(g.response_mask, g.responses, pad)
+        action[r:r + b, :t] = g.response_mask
+        r += b
+    attn[:, P:] = action.long()
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)
+    empty = torch.zeros((S, T), device=dev)
+    return Experience(seq, attn, position_ids, P, action, empty, empty, None, None)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, totals: Totals) -> torch.Tensor:
+    """(x - mean) / std over every rank's answer tokens."""
+    t = totals({"sum": float((x * mask).double().sum()), "sq": float(((x * mask) ** 2).double().sum()),
+                "n": float(mask.sum())})
+    mean = t["sum"] / max(t["n"], 1.0)
+    var = max(t["sq"] / max(t["n"], 1.0) - mean * mean, 0.0)
+    return (x - mean) / (var ** 0.5 + 1e-8) * mask

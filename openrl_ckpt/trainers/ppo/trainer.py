@@ -20,16 +20,15 @@ from torch.utils.data import Dataset
 from openrl_ckpt.checkpoint.state import TrainState
 from openrl_ckpt.data.sampler import ResumableDistributedSampler
 from openrl_ckpt.errors import UserError
-from openrl_ckpt.inference.batching import batch_seed
-from openrl_ckpt.models.loss import ppo_policy_loss, ppo_value_loss, sft_loss
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, ReduceOp
 from openrl_ckpt.strategy.engine_checkpoint import DeepspeedEngines
 from openrl_ckpt.trainers.base import LoopConfig
 from openrl_ckpt.trainers.checkpointing import Checkpointer
 from openrl_ckpt.trainers.common import check_frozen_identity
 from openrl_ckpt.trainers.ppo.ema import EmaPart, EmaWeights
-from openrl_ckpt.trainers.ppo.experience import Experience, ExperienceMaker, PPOConfig, action_logprobs, critic_values
+from openrl_ckpt.trainers.ppo.experience import Experience, ExperienceMaker, PPOConfig
 from openrl_ckpt.trainers.ppo.ptx import PtxFeed
+from openrl_ckpt.trainers.ppo.update import train_actor, train_critic
 from openrl_ckpt.trainers.progress import StepProgress, TrackerConfig, training_run
 
 log = logging.getLogger("openrl_ckpt")
@@ -136,52 +135,13 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ one update step
     def update(self, exp: Experience, step: int) -> dict[str, float]:
-        """PPO epochs over this rank's rollout in shuffled micro batches; actor and critic step at their
-        accumulation boundaries (every --train_batch_size samples, all ranks together)."""
-        ppo, strategy = self.ppo, self.strategy
-        train_actor = step >= ppo.freezing_actor_steps
-        sums: dict[str, float] = {}
-        count = actor_micro = 0
-        for epoch in range(ppo.max_epochs):
-            g = torch.Generator()
-            g.manual_seed(batch_seed(ppo.seed, step, -1 - epoch))  # the same order after a resume
-            order = torch.randperm(len(exp), generator=g).to(exp.sequences.device)
-            for start in range(0, len(exp), ppo.micro_train_batch_size):
-                rows = order[start:start + ppo.micro_train_batch_size]
-                inputs, mask = exp.inputs(rows), exp.action_mask[rows]
-                if train_actor:
-                    logp = action_logprobs(self.actor, inputs, exp.prompt_len)
-                    loss, clipfrac = ppo_policy_loss(logp, exp.old_logp[rows], exp.advantages[rows], mask,
-                                                     ppo.eps_clip)
-                    sums["policy_loss"] = sums.get("policy_loss", 0.0) + loss.item()
-                    if self.ptx is not None:
-                        ptx_loss = self._ptx_loss()
-                        loss = loss + self.ptx_coef * ptx_loss
-                        sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + ptx_loss.item()
-                    strategy.backward(loss, self.actor)
-                    strategy.optimizer_step(self.actor)
-                    actor_micro += 1
-                    if self.ema is not None and actor_micro % strategy.grad_accum == 0:  # an optimizer step was taken
-                        self.ema.update(self.actor.module)
-                    sums["clip_frac"] = sums.get("clip_frac", 0.0) + clipfrac.item()
-                if self.critic is not None:
-                    assert exp.values is not None and exp.returns is not None
-                    values = critic_values(self.critic, inputs, exp.prompt_len)
-                    vloss = ppo_value_loss(values, exp.values[rows], exp.returns[rows], mask, ppo.value_clip)
-                    strategy.backward(vloss, self.critic)
-                    strategy.optimizer_step(self.critic)
-                    sums["value_loss"] = sums.get("value_loss", 0.0) + vloss.item()
-                count += 1
-        return {k: v / count for k, v in sums.items()}
-
-    def _ptx_loss(self) -> torch.Tensor:
-        """The actor's SFT loss on the next micro batch of pretraining data."""
-        assert self.ptx is not None
-        batch = self.ptx.next()
-        device = self.strategy.device
-        ids = batch["input_ids"].to(device)
-        logits = self.actor(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-        return sft_loss(logits, ids, batch["loss_mask"].to(device))[0]
+        """PPO epochs over this rank's rollout in shuffled micro batches, the actor's then the critic's;
+        each steps at its accumulation boundaries (every --train_batch_size samples, all ranks together)."""
+        metrics = train_actor(self.strategy, self.actor, exp, self.ppo, step, ptx=self.ptx, ptx_coef=self.ptx_coef,
+                              ema=self.ema)
+        if self.critic is not None:
+            metrics.update(train_critic(self.strategy, self.critic, exp, self.ppo, step))
+        return metrics
 
 
 def _peak_memory_gb() -> float:
