@@ -37,9 +37,17 @@ log = logging.getLogger("openrl_ckpt")
 
 def parse_args(argv: list[str] | None = None) -> cli_args.argparse.Namespace:
     p = cli_args.Parser(prog="train_ppo", description=__doc__.splitlines()[0])
+    add_ppo_args(p, default_ckpt="./ckpt/checkpoints_ppo")
+    p.add_argument_group("generation").add_argument("--vllm_num_engines", type=int, default=0,
+                                                    help="generation through vLLM: use train_ppo_ray")
+    return p.parse_args(argv)
+
+
+def add_ppo_args(p: cli_args.argparse.ArgumentParser, default_ckpt: str) -> None:
+    """Every flag PPO takes, on one process group or over Ray."""
     cli_args.add_model_args(p)
     cli_args.add_train_args(p)
-    cli_args.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_ppo")
+    cli_args.add_ckpt_args(p, default_ckpt=default_ckpt)
     cli_args.add_logging_args(p)
     p.set_defaults(max_epochs=1, micro_train_batch_size=4, train_batch_size=128)
     g = p.add_argument_group("prompts")
@@ -66,7 +74,6 @@ def parse_args(argv: list[str] | None = None) -> cli_args.argparse.Namespace:
     g.add_argument("--top_p", type=float, default=1.0)
     g.add_argument("--top_k", type=int, default=-1, help="-1 or 0: no top-k cut")
     g.add_argument("--n_samples_per_prompt", type=int, default=1)
-    g.add_argument("--vllm_num_engines", type=int, default=0, help="generation through vLLM (not supported yet)")
     g = p.add_argument_group("PPO")
     g.add_argument("--rollout_batch_size", type=int, default=512, help="prompts per update step, all ranks")
     g.add_argument("--micro_rollout_batch_size", type=int, default=8, help="samples per generation call on a rank")
@@ -95,20 +102,11 @@ def parse_args(argv: list[str] | None = None) -> cli_args.argparse.Namespace:
     cli_args.bool_flag(g, "--enable_ema", "keep an exponential moving average of the actor's weights (checkpointed); "
                 "the exported actor holds it")
     g.add_argument("--ema_beta", type=float, default=0.992)
-    return p.parse_args(argv)
 
 
 def check_args(args: cli_args.argparse.Namespace) -> None:
     """Flag checks that need no process group."""
     check_input_template(args.input_template)
-    if args.vllm_num_engines > 0:
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise UserError("--vllm_num_engines needs the vllm package (pip install 'openrl_ckpt[vllm]' on a CUDA "
-                            "machine); drop the flag to generate with Hugging Face generate") from None
-        raise UserError("--vllm_num_engines: generation through vLLM is not supported by train_ppo yet; drop the "
-                        "flag to generate with Hugging Face generate")
     for flag, unsupported in (("--enable_ema with --zero_stage 3", args.enable_ema and args.zero_stage == 3),
                               ("--lora_rank", args.lora_rank > 0), ("--load_in_4bit", args.load_in_4bit)):
         if unsupported:
@@ -180,9 +178,54 @@ def load_pretrain_data(args: cli_args.argparse.Namespace, tokenizer: Any) -> Any
     return data
 
 
+def check_tokenizers(args: cli_args.argparse.Namespace, tokenizer: Any, reward_paths: list[str],
+                     critic_path: str) -> list[Any]:
+    """The critic reads the actor's tokens; a reward model with another tokenizer needs
+    --allow_tokenizer_mismatch. Returns each reward model's own tokenizer where it differs (else None)."""
+    difference = tokenizer_difference(tokenizer, load_tokenizer(critic_path))
+    if difference and AdvantageEstimator(args.advantage_estimator).trains_critic:
+        raise UserError(f"--critic_pretrain {critic_path}: its tokenizer differs from --pretrain's ({difference}); "
+                        "the critic reads the actor's tokens, so both must share one")
+    reward_tokenizers = []
+    for path in reward_paths:
+        reward_tok = load_tokenizer(path)
+        difference = tokenizer_difference(tokenizer, reward_tok)
+        if difference and not args.allow_tokenizer_mismatch:
+            raise UserError(f"--reward_pretrain {path}: its tokenizer differs from --pretrain's ({difference}); "
+                            "pass --allow_tokenizer_mismatch to score the decoded text with the reward model's own")
+        reward_tokenizers.append(reward_tok if difference else None)
+    return reward_tokenizers
+
+
+def count_optimizer_steps(args: cli_args.argparse.Namespace, prompts: int, samples: int) -> int:
+    """Optimizer steps of the whole run (the LR schedule's length): updates x steps per update."""
+    updates = -(-prompts // args.rollout_batch_size) * args.num_episodes
+    return updates * samples // args.train_batch_size * args.max_epochs
+
+
+def kl_controller(args: cli_args.argparse.Namespace) -> FixedKLController:
+    return (AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon) if args.kl_target
+            else FixedKLController(args.init_kl_coef))
+
+
+def ppo_config(args: cli_args.argparse.Namespace, sampling: SamplingConfig) -> PPOConfig:
+    return PPOConfig(rollout_batch_size=args.rollout_batch_size, micro_rollout_batch_size=args.micro_rollout_batch_size,
+                    n_samples_per_prompt=args.n_samples_per_prompt, micro_train_batch_size=args.micro_train_batch_size,
+                    max_epochs=args.max_epochs, num_episodes=args.num_episodes, sampling=sampling,
+                    kl_estimator=KLEstimator(args.kl_estimator), gamma=args.gamma, lambd=args.lambd,
+                    eps_clip=args.eps_clip,
+                    value_clip=args.value_clip if args.value_clip > 0 else None,
+                    normalize_reward=args.normalize_reward, reward_clip_range=tuple(args.reward_clip_range),
+                    advantage_estimator=AdvantageEstimator(args.advantage_estimator),
+                    freezing_actor_steps=args.freezing_actor_steps, seed=args.seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_args(args)
+    if args.vllm_num_engines > 0:
+        raise UserError("--vllm_num_engines: train_ppo generates with Hugging Face generate on its one process "
+                        "group; vLLM rollout engines run under train_ppo_ray (the same flags plus the Ray ones)")
     sampling = SamplingConfig(max_new_tokens=args.generate_max_len, temperature=args.temperature, top_p=args.top_p,
                               top_k=max(args.top_k, 0))
     sampling.check()
@@ -198,19 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     # 2. tokenizers (the critic reads the actor's tokens; reward models may differ with a flag) and prompts
     tokenizer = load_tokenizer(args.pretrain, padding_side="left")
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
-    difference = tokenizer_difference(tokenizer, load_tokenizer(critic_path))
     estimator = AdvantageEstimator(args.advantage_estimator)
-    if difference and estimator.trains_critic:
-        raise UserError(f"--critic_pretrain {critic_path}: its tokenizer differs from --pretrain's ({difference}); "
-                        "the critic reads the actor's tokens, so both must share one")
-    reward_tokenizers = []
-    for path in reward_paths:
-        reward_tok = load_tokenizer(path)
-        difference = tokenizer_difference(tokenizer, reward_tok)
-        if difference and not args.allow_tokenizer_mismatch:
-            raise UserError(f"--reward_pretrain {path}: its tokenizer differs from --pretrain's ({difference}); "
-                            "pass --allow_tokenizer_mismatch to score the decoded text with the reward model's own")
-        reward_tokenizers.append(reward_tok if difference else None)
+    reward_tokenizers = check_tokenizers(args, tokenizer, reward_paths, critic_path)
     prompts = load_prompts(args, tokenizer)
     pretrain_data = load_pretrain_data(args, tokenizer) if args.pretrain_data else None
 
@@ -229,8 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                                   args.value_head_prefix, require_head=True)
         frozen["--reward_pretrain"].append(reference_identity(path, model))
         reward_models.append((strategy.prepare_frozen(model, args.ref_reward_offload), reward_tok))
-    updates = -(-len(prompts) // args.rollout_batch_size) * args.num_episodes
-    optimizer_steps = updates * samples // args.train_batch_size * args.max_epochs
+    optimizer_steps = count_optimizer_steps(args, len(prompts), samples)
     actor = strategy.prepare(actor_model, cli_args.optim_config(args, args.actor_learning_rate), optimizer_steps)
     critic = None
     if estimator.trains_critic:
@@ -242,17 +273,8 @@ def main(argv: list[str] | None = None) -> None:
                         f"{'--save_value_network' if args.save_value_network else '--critic_pretrain'}")
 
     # 4. experience, resume + fit
-    kl_ctl = (AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon) if args.kl_target
-              else FixedKLController(args.init_kl_coef))
-    ppo = PPOConfig(rollout_batch_size=args.rollout_batch_size, micro_rollout_batch_size=args.micro_rollout_batch_size,
-                    n_samples_per_prompt=args.n_samples_per_prompt, micro_train_batch_size=args.micro_train_batch_size,
-                    max_epochs=args.max_epochs, num_episodes=args.num_episodes, sampling=sampling,
-                    kl_estimator=KLEstimator(args.kl_estimator), gamma=args.gamma, lambd=args.lambd,
-                    eps_clip=args.eps_clip,
-                    value_clip=args.value_clip if args.value_clip > 0 else None,
-                    normalize_reward=args.normalize_reward, reward_clip_range=tuple(args.reward_clip_range),
-                    advantage_estimator=estimator, freezing_actor_steps=args.freezing_actor_steps,
-                    seed=args.seed)
+    kl_ctl = kl_controller(args)
+    ppo = ppo_config(args, sampling)
     maker = ExperienceMaker(strategy, actor, critic, ref, RewardScorer(reward_models, strategy.device, tokenizer),
                             ppo, kl_ctl, RunningMoments(), eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)

@@ -22,11 +22,15 @@ def generate_vllm(pretrain: str, prompt_ids: list[list[int]], max_tokens: list[i
                         "CUDA machine); --eval_task generate runs the same job with Hugging Face generate") from None
     llm = LLM(model=pretrain, tensor_parallel_size=tp_size, seed=seed, dtype="bfloat16" if bf16 else "auto",
               max_model_len=max_len, enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs)
-    params = [SamplingParams(n=1, max_tokens=limit, seed=s, skip_special_tokens=True,
-                             temperature=0.0 if sampling.greedy else sampling.temperature,
-                             top_p=1.0 if sampling.greedy else sampling.top_p,
-                             top_k=-1 if sampling.greedy or sampling.top_k == 0 else sampling.top_k)
-              for limit, s in zip(max_tokens, seeds)]
+    params = [sampling_params(SamplingParams, sampling, limit, s) for limit, s in zip(max_tokens, seeds)]
     requests: list[Any] = [{"prompt_token_ids": ids} for ids in prompt_ids]
     outputs = llm.generate(requests, sampling_params=params, use_tqdm=True)
     return [out.outputs[0].text for out in outputs]  # vLLM returns requests in the order given
+
+
+def sampling_params(params_class: Any, sampling: SamplingConfig, max_tokens: int, seed: int) -> Any:
+    """vLLM's SamplingParams for one request, with its own seed (reproducible whatever the batching)."""
+    return params_class(n=1, max_tokens=max_tokens, seed=seed, skip_special_tokens=True,
+                        temperature=0.0 if sampling.greedy else sampling.temperature,
+                        top_p=1.0 if sampling.greedy else sampling.top_p,
+                        top_k=-1 if sampling.greedy or sampling.top_k == 0 else sampling.top_k)

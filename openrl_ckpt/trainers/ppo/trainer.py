@@ -23,8 +23,9 @@ from openrl_ckpt.errors import UserError
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, ReduceOp
 from openrl_ckpt.strategy.engine_checkpoint import DeepspeedEngines
 from openrl_ckpt.trainers.base import LoopConfig
-from openrl_ckpt.trainers.checkpointing import Checkpointer
+from openrl_ckpt.trainers.checkpointing import Checkpointer, Stateful
 from openrl_ckpt.trainers.common import check_frozen_identity
+from openrl_ckpt.trainers.ppo.control import FixedKLController, RunningMoments
 from openrl_ckpt.trainers.ppo.ema import EmaPart, EmaWeights
 from openrl_ckpt.trainers.ppo.experience import Experience, ExperienceMaker, PPOConfig
 from openrl_ckpt.trainers.ppo.ptx import PtxFeed
@@ -36,17 +37,18 @@ log = logging.getLogger("openrl_ckpt")
 
 class PPOState:
     """PPO's own part of the train state (JSON): KL coefficient, reward statistics, the pretraining data
-    position (--ptx_coef), and the identity of the frozen models (reference, reward models), which are
-    reloaded, not checkpointed."""
+    position (--ptx_coef; ``ptx`` is anything with a JSON state), and the identity of the frozen models
+    (reference, reward models), which are reloaded, not checkpointed."""
 
-    def __init__(self, maker: ExperienceMaker, frozen: dict[str, list[dict[str, Any]]],
-                 ptx: PtxFeed | None) -> None:
-        self.maker = maker
+    def __init__(self, kl_ctl: FixedKLController, moments: RunningMoments, frozen: dict[str, list[dict[str, Any]]],
+                 ptx: Stateful | None) -> None:
+        self.kl_ctl = kl_ctl
+        self.moments = moments
         self.frozen = frozen  # flag -> identities
         self.ptx = ptx
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"kl_ctl": self.maker.kl_ctl.state_dict(), "reward_moments": self.maker.moments.state_dict(),
+        state = {"kl_ctl": self.kl_ctl.state_dict(), "reward_moments": self.moments.state_dict(),
                  "frozen": self.frozen}
         if self.ptx is not None:
             state["ptx"] = self.ptx.state_dict()
@@ -60,8 +62,8 @@ class PPOState:
             if len(ids) != len(current):
                 raise UserError(f"{flag}: this run has {len(current)} model(s), the checkpoint's run had "
                                 f"{len(ids)}; a resumed run must use the same ones")
-        self.maker.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.maker.moments.load_state_dict(state["reward_moments"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.moments.load_state_dict(state["reward_moments"])
         if self.ptx is not None:
             self.ptx.load_state_dict(state.get("ptx", {"consumed": 0}))
 
@@ -94,7 +96,8 @@ class PPOTrainer:
         engines = {"actor": actor, **({"critic": critic} if critic is not None else {})}
         self.checkpointer = Checkpointer(
             cfg.checkpoint, strategy, DeepspeedEngines(strategy, engines, tokenizer), algorithm=cfg.algorithm,
-            algorithm_state=PPOState(maker, frozen, ptx), total_steps=self.total_steps, meta=ckpt_meta,
+            algorithm_state=PPOState(maker.kl_ctl, maker.moments, frozen, ptx), total_steps=self.total_steps,
+            meta=ckpt_meta,
             parts={"ema": EmaPart(ema)} if ema is not None else None)
 
     def fit(self) -> TrainState:
