@@ -144,7 +144,11 @@ def create_engines(ray: Any, unit: Unit, topology: Topology, args: Any, pgs: dic
         return []
     engine_class = ray.remote(VLLMEngine)
     tp = topology.tensor_parallel_size
-    max_len = args.prompt_max_len + args.generate_max_len
+    from transformers import AutoConfig
+
+    # prompts longer than --prompt_max_len were dropped; the model's own limit caps the rest
+    limit = getattr(AutoConfig.from_pretrained(args.pretrain), "max_position_embeddings", None)
+    max_len = min(args.prompt_max_len + args.generate_max_len, limit or 1 << 30)
     handles = []
     for index in range(topology.engines):
         if topology.engines_pooled:
