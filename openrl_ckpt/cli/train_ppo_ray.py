@@ -11,7 +11,9 @@ local Ray. Without GPUs each "GPU" of the flags is one CPU bundle (a CPU rank).
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from openrl_ckpt.cli import args as cli_args
@@ -34,7 +36,7 @@ from openrl_ckpt.trainers.ppo.control import RunningMoments
 from openrl_ckpt.trainers.ppo.experience import AdvantageEstimator
 from openrl_ckpt.trainers.ppo_ray.cluster import Role, WorkerLost, check_resources, cluster_unit, connect, import_ray
 from openrl_ckpt.trainers.ppo_ray.topology import Topology, check_node_size, create_engines, create_groups, plan
-from openrl_ckpt.trainers.ppo_ray.trainer import Groups, RayPPOTrainer, RolloutMaker, WeightSync
+from openrl_ckpt.trainers.ppo_ray.trainer import ALGORITHM, Groups, RayPPOTrainer, RolloutMaker, WeightSync
 from openrl_ckpt.utils.tracking import setup_logging
 
 log = logging.getLogger("openrl_ckpt")
@@ -90,6 +92,27 @@ def check_ray_args(args: cli_args.argparse.Namespace, on_gpu: bool) -> None:
                             "Hugging Face on the actor group") from None
 
 
+def check_resumable_kind(args: cli_args.argparse.Namespace) -> None:
+    """A checkpoint folder written by another job (e.g. train_ppo, one process group) is refused before any
+    group starts: its layout has no per-group RNG or group sizes, and nothing in it is touched."""
+    from openrl_ckpt.checkpoint.files import committed_steps, step_dir_name
+    from openrl_ckpt.checkpoint.state import STATE_FILE
+
+    root = Path(args.ckpt_path)
+    if not (args.load_checkpoint or args.resume_from) or not root.is_dir():
+        return
+    for step in committed_steps(root):
+        try:
+            algorithm = json.loads((root / step_dir_name(step) / STATE_FILE).read_text()).get("algorithm")
+        except (OSError, ValueError):
+            continue  # a damaged one: resume falls back past it with a warning
+        if algorithm != ALGORITHM:
+            job = "train_ppo (one process group)" if algorithm == "ppo" else algorithm
+            raise UserError(f"--ckpt_path {root}: {step_dir_name(step)} was written by {job}; train_ppo_ray resumes "
+                            "only its own checkpoints: point --ckpt_path at a new folder")
+        return
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(0)
@@ -117,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. tokenizer and prompts (the driver samples them)
     import_ray()
+    check_resumable_kind(args)
     tokenizer = load_tokenizer(args.pretrain, padding_side="left")
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     check_tokenizers(args, tokenizer, args.reward_paths, critic_path)
