@@ -18,9 +18,10 @@ Every figure is read from the launches' own output:
 - checkpoint save: the ``saved checkpoint ... (X GB, Ys)`` lines of A and B;
 - resume: wall time from B's launch to its ``resumed from`` line and to its first step line (A's
   launch to its first step line beside it, for a fresh start).
-Everything (models, checkpoints, Ray's and vLLM's temp files) lives under --work, removed at the end
-unless --keep. On a GPU box with fewer than 5 GPUs the launches share them (--colocate_all_models);
---extra passes more train_ppo_ray flags to every launch (e.g. '--bf16').
+Models, prompts, checkpoints, exports and the launches' logs live under --work, removed at the end unless
+--keep; Ray's and vLLM's temp files under a short temp folder of their own, always removed.
+On a GPU box with fewer than 5 GPUs the launches share them (--colocate_all_models); --extra passes
+more train_ppo_ray flags to every launch (e.g. '--bf16').
 A benchmark, not a test: it prints figures and asserts nothing.
 """
 
@@ -259,6 +260,9 @@ def run_all(args: argparse.Namespace, work: Path, tmp: Path) -> None:
     common += shlex.split(args.extra)
 
     def paths(name: str) -> list[str]:
+        # the folder above --save_path must exist: the export does not create it (a run without checkpoints
+        # fails at its very end otherwise)
+        (runs_dir / name).mkdir(parents=True, exist_ok=True)
         return ["--ckpt_path", str(runs_dir / name / "ckpt"), "--save_path", str(runs_dir / name / "model")]
 
     vllm_cli = [*common, "--vllm_num_engines", "1", "--save_steps", "1", "--max_ckpt_num", "2", *paths("vllm")]
@@ -270,9 +274,6 @@ def run_all(args: argparse.Namespace, work: Path, tmp: Path) -> None:
     }
     a, b, c = runs["A"], runs["B"], runs["C"]
 
-    def answer_tokens(run: dict) -> list[float]:
-        return [kv["rollout_tokens_per_s"] * kv["generate_s"] for kv in run["steps"].values()
-                if "rollout_tokens_per_s" in kv and "generate_s" in kv]
 
     vllm_tps, hf_tps = med(steady(a, "rollout_tokens_per_s", 1)), med(steady(c, "rollout_tokens_per_s", 1))
     syncs = steady(a, "weight_sync_s", 1) + steady(b, "weight_sync_s", 1)
@@ -285,13 +286,14 @@ def run_all(args: argparse.Namespace, work: Path, tmp: Path) -> None:
         ("rollout tokens/s, HF generate", fmt(hf_tps, digits=1),
          f"median of C steps 2..; generate_s {fmt(med(steady(c, 'generate_s', 1)), 's', 3)}"),
         ("vLLM / HF", fmt(vllm_tps / hf_tps if vllm_tps and hf_tps else None, "x"),
-         f"answer tokens per step: A {fmt(med(answer_tokens(a)), digits=0)}, "
-         f"C {fmt(med(answer_tokens(c)), digits=0)} (of {samples * args.generate_max_len})"),
+         f"mean answer length: A {fmt(med(steady(a, 'response_length', 1)), digits=1)}, "
+         f"C {fmt(med(steady(c, 'response_length', 1)), digits=1)} tokens (of {args.generate_max_len}), "
+         f"{samples} answers per step"),
         ("weight sync per update", fmt(med(syncs), "s", 3),
          f"median of {len(syncs)} (A, B after step 1): {[round(s, 3) for s in syncs]}; "
          f"checked sync at start {[round(s, 3) for s in a['sync_checks'] + b['sync_checks']]}"),
         ("checkpoint save", fmt(med([s for _, s in saves]), "s"),
-         f"median of {len(saves)} saves (A, B), {fmt(med([g for g, _ in saves]), ' GB')} each: "
+         f"median of {len(saves)} saves (A, B), {fmt(med([g for g, _ in saves]), ' GB', 3)} each: "
          f"{[s for _, s in saves]}"),
         ("resume: launch -> 'resumed from'", fmt(b["resumed_at"], "s", 1), "B"),
         ("resume: launch -> first step line", fmt(b_first, "s", 1),
