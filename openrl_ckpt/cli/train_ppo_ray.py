@@ -25,6 +25,7 @@ from openrl_ckpt.cli.train_ppo import (
     check_tokenizers,
     count_optimizer_steps,
     kl_controller,
+    load_pretrain_data,
     load_prompts,
     ppo_config,
 )
@@ -37,6 +38,7 @@ from openrl_ckpt.trainers.ppo.experience import AdvantageEstimator
 from openrl_ckpt.trainers.ppo_ray.cluster import Role, WorkerLost, check_resources, cluster_unit, connect, import_ray
 from openrl_ckpt.trainers.ppo_ray.topology import Topology, check_node_size, create_engines, create_groups, plan
 from openrl_ckpt.trainers.ppo_ray.trainer import ALGORITHM, Groups, RayPPOTrainer, RolloutMaker, WeightSync
+from openrl_ckpt.trainers.ppo_ray.worker import WorkerSpec
 from openrl_ckpt.utils.tracking import setup_logging
 
 log = logging.getLogger("openrl_ckpt")
@@ -143,9 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     check_resumable_kind(args)
     tokenizer = load_tokenizer(args.pretrain, padding_side="left")
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
-    check_tokenizers(args, tokenizer, args.reward_paths, critic_path)
+    reward_tokenizers = check_tokenizers(args, tokenizer, args.reward_paths, critic_path)
     prompts = load_prompts(args, tokenizer)
-    optimizer_steps = count_optimizer_steps(args, len(prompts), samples)
+    ptx_data = load_pretrain_data(args, tokenizer) if args.pretrain_data else None
 
     # 3. the cluster: joined or started, checked, then the job (recreated after a lost rank, --max_restarts)
     ray = connect(topology.bundles)
@@ -155,9 +157,19 @@ def main(argv: list[str] | None = None) -> None:
     if topology.engines:
         check_node_size(ray, unit, topology.tensor_parallel_size)
     ppo = ppo_config(args, sampling)
+    spec = WorkerSpec(strategy=cli_args.strategy_config(args), ppo=ppo, actor=cli_args.model_config(args),
+                      actor_optim=cli_args.optim_config(args, args.actor_learning_rate),
+                      critic=cli_args.model_config(args, pretrain=critic_path) if estimator.trains_critic else None,
+                      critic_optim=cli_args.optim_config(args, args.critic_learning_rate),
+                      rewards=[(cli_args.model_config(args, pretrain=path), own is not None)
+                               for path, own in zip(args.reward_paths, reward_tokenizers)],
+                      value_head_prefix=args.value_head_prefix, ref_reward_offload=args.ref_reward_offload,
+                      optimizer_steps=count_optimizer_steps(args, len(prompts), samples),
+                      ema_beta=args.ema_beta if args.enable_ema else None, ptx_data=ptx_data,
+                      ptx_coef=args.ptx_coef)
     for attempt in range(args.max_restarts + 1):
         try:
-            run_job(ray, args, topology, unit, tokenizer, prompts, optimizer_steps, ppo)
+            run_job(ray, args, topology, unit, tokenizer, prompts, spec)
             return
         except WorkerLost as e:
             if attempt == args.max_restarts:
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_job(ray: Any, args: cli_args.argparse.Namespace, topology: Topology, unit: Any, tokenizer: Any,
-            prompts: list[dict[str, Any]], optimizer_steps: int, ppo: Any) -> None:
+            prompts: list[dict[str, Any]], spec: WorkerSpec) -> None:
     """Create the groups and engines, train (resuming with --load_checkpoint), export; the job's actors
     and placement groups are removed on the way out, whatever happens."""
     from ray.util.placement_group import remove_placement_group
@@ -177,7 +189,7 @@ def run_job(ray: Any, args: cli_args.argparse.Namespace, topology: Topology, uni
     roles, identities, pgs = {}, {}, {}
     engines: list[Any] = []
     try:
-        roles, identities, pgs = create_groups(ray, unit, topology, args, optimizer_steps, ppo)
+        roles, identities, pgs = create_groups(ray, unit, topology, spec)
         engines = create_engines(ray, unit, topology, args, pgs)
         groups = Groups(actor=roles[Role.ACTOR], critic=roles.get(Role.CRITIC), reference=roles.get(Role.REFERENCE),
                         reward=roles[Role.REWARD], engines=engines)
@@ -193,6 +205,7 @@ def run_job(ray: Any, args: cli_args.argparse.Namespace, topology: Topology, uni
         frozen = {"--reward_pretrain": identities.get("--reward_pretrain", [])}
         if "--pretrain (reference)" in identities:
             frozen["--pretrain (reference)"] = [identities["--pretrain (reference)"]]
+        ppo = spec.ppo
         maker = RolloutMaker(ray, groups, ppo, kl_controller(args), RunningMoments(),
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         trainer = RayPPOTrainer(ray, groups, maker, sync, prompts, ppo, cli_args.loop_config(args, "ppo_ray"),

@@ -80,6 +80,7 @@ def atomic_folder(target: Path, *, replace: bool = False,
     removed and ``target`` is as it was."""
     tmp = temp_sibling(target)
     try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)  # --save_path ./ckpt/model in a fresh directory
         tmp.mkdir()
         yield tmp
         fsync_tree(tmp)

@@ -230,3 +230,29 @@ def test_ray_ppo_bad_input_is_one_line(tmp_path, ray_cluster, ray_models):
     line = ray_error(with_flags(), tmp_path, ray_cluster)
     assert "train_ppo" in line and "global_step2" in line
     assert sorted(p.name for p in ckpt.rglob("*")) == before
+
+
+def test_vllm_engine_serves_the_weights_it_is_sent(ray_models, tmp_path, monkeypatch):
+    """The engine's in-place reload: after the weights of another model arrive, vLLM's greedy answer is that
+    model's (Hugging Face generate), not the one it started with; the digest names what arrived."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+    from transformers import AutoModelForCausalLM
+
+    from openrl_ckpt.inference.generation import SamplingConfig
+    from openrl_ckpt.trainers.ppo_ray.rollout_engine import VLLMEngine, weight_digest
+
+    engine = VLLMEngine(0, ray_models["actor"], 0, 1, 128, bf16=False, enable_prefix_caching=True,
+                        enforce_eager=True, gpu_memory_utilization=0.9)
+    greedy, prompt = SamplingConfig(max_new_tokens=8, temperature=0.0), [[5, 6, 7, 8, 9]]
+    before = engine.generate(prompt, [0], greedy)[0]
+    model = AutoModelForCausalLM.from_pretrained(ray_models["actor"], dtype=torch.float32)
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=noise) * 0.5)
+    pairs = [(name, p.detach().clone()) for name, p in model.named_parameters()]
+    assert engine._reload(pairs) == weight_digest(pairs)
+    after = engine.generate(prompt, [0], greedy)[0]
+    expected = model.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False)[0, 5:].tolist()
+    assert after[:len(expected)] == expected and after != before

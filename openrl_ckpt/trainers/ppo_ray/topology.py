@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from openrl_ckpt.errors import UserError
-from openrl_ckpt.trainers.ppo.experience import PPOConfig
 from openrl_ckpt.trainers.ppo_ray.cluster import Role, RoleGroup, Unit, gather, in_bundle, placement_group
+from openrl_ckpt.trainers.ppo_ray.worker import PPOWorker, WorkerSpec
 
 log = logging.getLogger("openrl_ckpt")
 
@@ -108,12 +108,10 @@ def check_node_size(ray: Any, unit: Unit, tensor_parallel_size: int) -> None:
                         f"Ray cluster ({largest} {key}s): one engine's ranks must share a node")
 
 
-def create_groups(ray: Any, unit: Unit, topology: Topology, args: Any, optimizer_steps: int,
-                  ppo: PPOConfig) -> tuple[dict[Role, RoleGroup], dict[str, Any], dict[str, Any]]:
+def create_groups(ray: Any, unit: Unit, topology: Topology,
+                  spec: WorkerSpec) -> tuple[dict[Role, RoleGroup], dict[str, Any], dict[str, Any]]:
     """Every group's ranks placed and set up (each group its own process group); returns the groups, the
     identities of their models and the placement groups (to remove at the end)."""
-    from openrl_ckpt.trainers.ppo_ray.worker import PPOWorker
-
     worker_class = ray.remote(PPOWorker)
     pgs = {pool.name: placement_group(ray, unit, pool.size, f"openrl_ckpt {pool.name}") for pool in topology.pools}
     groups: dict[Role, RoleGroup] = {}
@@ -125,10 +123,11 @@ def create_groups(ray: Any, unit: Unit, topology: Topology, args: Any, optimizer
                    for rank in range(size)]
         groups[role] = RoleGroup(ray, role, handles)
     refs = []
+    spec_ref = ray.put(spec)  # once into the object store (it may hold the --pretrain_data set), read by every rank
     for group in groups.values():  # every group joins its own process group, all at the same time
         master = gather(ray, [(group.name(0), group.handles[0].address.remote())])[0]
         per_rank = [(rank, group.world_size, master) for rank in range(group.world_size)]
-        refs += group.submit("setup", args, optimizer_steps, ppo, per_rank=per_rank)
+        refs += group.submit("setup", spec_ref, per_rank=per_rank)
     identities: dict[str, Any] = {}
     for identity in gather(ray, refs):
         identities.update(identity)

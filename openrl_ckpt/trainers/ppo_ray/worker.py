@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from openrl_ckpt.checkpoint.state import TrainState, capture_rng, restore_rng
 from openrl_ckpt.data.padding import left_pad
 from openrl_ckpt.inference.batching import batch_seed
 from openrl_ckpt.inference.generation import Generation, SamplingConfig, generate
+from openrl_ckpt.models.actor import ModelConfig
+from openrl_ckpt.strategy.deepspeed import OptimConfig, StrategyConfig
 from openrl_ckpt.trainers.ppo.experience import Experience, PPOConfig, RewardScorer, action_logprobs, critic_values
 from openrl_ckpt.trainers.ppo_ray.cluster import Role
 
@@ -50,6 +52,25 @@ def select(exp: Experience, rows: slice) -> Experience:
                       part(exp.returns))
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every rank builds its part from (the driver makes it from the flags)."""
+
+    strategy: StrategyConfig
+    ppo: PPOConfig
+    actor: ModelConfig  # also the reference model and the tokenizer
+    actor_optim: OptimConfig
+    critic: ModelConfig | None
+    critic_optim: OptimConfig
+    rewards: list[tuple[ModelConfig, bool]]  # each reward model, and whether it reads its own tokenizer
+    value_head_prefix: str
+    ref_reward_offload: bool
+    optimizer_steps: int  # the learning-rate schedule's length
+    ema_beta: float | None = None  # --enable_ema
+    ptx_data: Any = None  # the tokenized --pretrain_data (--ptx_coef)
+    ptx_coef: float = 0.0
+
+
 class PPOWorker:
     """A rank of the ``role`` group. ``setup`` joins the group's process group and loads its model(s)."""
 
@@ -70,11 +91,9 @@ class PPOWorker:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, rank: int, world_size: int, master: tuple[str, int], args: Any, optimizer_steps: int,
-              ppo: PPOConfig) -> dict[str, Any]:
+    def setup(self, rank: int, world_size: int, master: tuple[str, int], spec: WorkerSpec) -> dict[str, Any]:
         """Join the group (RANK/WORLD_SIZE/MASTER_* as a launcher sets them), load this role's model(s);
         returns their identities for the train state."""
-        from openrl_ckpt.cli import args as cli_args
         from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
         from openrl_ckpt.models.reward import load_reward_model
         from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
@@ -83,46 +102,41 @@ class PPOWorker:
 
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
-        self.args, self.ppo = args, ppo
-        self.strategy = strategy = DeepspeedStrategy(cli_args.strategy_config(args))
+        self.spec, self.ppo = spec, spec.ppo
+        self.strategy = strategy = DeepspeedStrategy(spec.strategy)
         strategy.setup_distributed()
         setup_logging(strategy.rank)
-        self.tokenizer = tokenizer = load_tokenizer(args.pretrain, padding_side="left")
+        self.tokenizer = tokenizer = load_tokenizer(spec.actor.pretrain, padding_side="left")
         strategy.before_model_load()
         identity: dict[str, Any] = {}
         if self.role is Role.ACTOR:
-            model = load_causal_lm(cli_args.model_config(args))
+            model = load_causal_lm(spec.actor)
             identity["fingerprint"] = model_fingerprint(model)
-            self.engine = strategy.prepare(model, cli_args.optim_config(args, args.actor_learning_rate),
-                                           optimizer_steps)
-            if args.enable_ema:
+            self.engine = strategy.prepare(model, spec.actor_optim, spec.optimizer_steps)
+            if spec.ema_beta is not None:
                 from openrl_ckpt.trainers.ppo.ema import EmaWeights
 
-                self.ema = EmaWeights(self.engine.module, args.ema_beta)
-            if args.pretrain_data:
-                from openrl_ckpt.cli.train_ppo import load_pretrain_data
+                self.ema = EmaWeights(self.engine.module, spec.ema_beta)
+            if spec.ptx_data is not None:
                 from openrl_ckpt.trainers.ppo.ptx import PtxFeed
 
-                self.ptx = PtxFeed(strategy, load_pretrain_data(args, tokenizer), args.micro_train_batch_size,
-                                   tokenizer.pad_token_id, args.seed)
+                self.ptx = PtxFeed(strategy, spec.ptx_data, spec.strategy.micro_train_batch_size,
+                                   tokenizer.pad_token_id, spec.strategy.seed)
         elif self.role is Role.CRITIC:
-            model = load_reward_model(cli_args.model_config(args, pretrain=args.critic_pretrain),
-                                      args.value_head_prefix, require_head=True)
-            self.engine = strategy.prepare(model, cli_args.optim_config(args, args.critic_learning_rate),
-                                           optimizer_steps)
+            assert spec.critic is not None
+            model = load_reward_model(spec.critic, spec.value_head_prefix, require_head=True)
+            self.engine = strategy.prepare(model, spec.critic_optim, spec.optimizer_steps)
         elif self.role is Role.REFERENCE:
-            self.frozen, identity["--pretrain (reference)"] = load_frozen(cli_args.model_config(args), strategy,
-                                                                          offload=args.ref_reward_offload)
+            self.frozen, identity["--pretrain (reference)"] = load_frozen(spec.actor, strategy,
+                                                                          offload=spec.ref_reward_offload)
         else:
             models, ids = [], []
-            for path in args.reward_paths:
-                reward_tok = load_tokenizer(path)
-                model = load_reward_model(replace(cli_args.model_config(args, pretrain=path),
-                                                  gradient_checkpointing=False), args.value_head_prefix,
+            for cfg, own_tokenizer in spec.rewards:
+                model = load_reward_model(replace(cfg, gradient_checkpointing=False), spec.value_head_prefix,
                                           require_head=True)
-                ids.append(reference_identity(path, model))
-                same = reward_tok.get_vocab() == tokenizer.get_vocab()
-                models.append((strategy.prepare_frozen(model, args.ref_reward_offload), None if same else reward_tok))
+                ids.append(reference_identity(cfg.pretrain, model))
+                models.append((strategy.prepare_frozen(model, spec.ref_reward_offload),
+                               load_tokenizer(cfg.pretrain) if own_tokenizer else None))
             self.frozen = RewardScorer(models, strategy.device, tokenizer)
             identity["--reward_pretrain"] = ids
         return identity
@@ -180,7 +194,7 @@ class PPOWorker:
         exp = _to_device(exp, self.strategy.device)
         if self.role is Role.ACTOR:
             metrics = train_actor(self.strategy, self.engine, exp, self.ppo, step, ptx=self.ptx,
-                                  ptx_coef=self.args.ptx_coef, ema=self.ema)
+                                  ptx_coef=self.spec.ptx_coef, ema=self.ema)
             metrics["actor_lr"] = float(self.engine.get_lr()[0])
             return metrics
         return train_critic(self.strategy, self.engine, exp, self.ppo, step)
