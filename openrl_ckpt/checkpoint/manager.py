@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from openrl_ckpt.checkpoint.comm import Comm
+from openrl_ckpt.checkpoint.comm import Comm, SingleProcessComm
 from openrl_ckpt.checkpoint.commit import (
     begin_staging,
     commit_checkpoint,
@@ -95,6 +95,15 @@ class CheckpointManager:
         # the step whose staging folder ``begin`` created, and when: a save's time counts from there, so the
         # staging of the contents (DeepSpeed's save_checkpoint, host copies) is part of what blocks training
         self._staging: tuple[int, float] | None = None
+
+    @classmethod
+    def single_process(cls, ckpt_path: str, *, max_ckpt_num: int, max_ckpt_mem_gb: float,
+                       background: bool = False) -> CheckpointManager:
+        """A prepared manager for one process that commits alone (the Ray PPO driver, in-process tests)."""
+        manager = cls(ckpt_path, SingleProcessComm(), max_ckpt_num=max_ckpt_num, max_ckpt_mem_gb=max_ckpt_mem_gb,
+                      background_comm=SingleProcessComm() if background else None)
+        manager.prepare()
+        return manager
 
     # ------------------------------------------------------------------ set-up
     @property

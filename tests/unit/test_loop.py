@@ -19,7 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from openrl_ckpt.checkpoint.comm import SingleProcessComm
 from openrl_ckpt.checkpoint.config import SAVE_NOW_FILE, BestMode, CheckpointConfig, SaveErrorPolicy
 from openrl_ckpt.checkpoint.contents import StagedWrite, TensorFile
 from openrl_ckpt.checkpoint.files import CheckpointError, committed_steps, read_manifest
@@ -87,11 +86,8 @@ class WeightsStore:
 
     def open_manager(self, ckpt_path: str, max_ckpt_num: int, max_ckpt_mem_gb: float,
                      background: bool) -> CheckpointManager:
-        manager = CheckpointManager(ckpt_path, SingleProcessComm(), max_ckpt_num=max_ckpt_num,
-                                    max_ckpt_mem_gb=max_ckpt_mem_gb,
-                                    background_comm=SingleProcessComm() if background else None)
-        manager.prepare()
-        return manager
+        return CheckpointManager.single_process(ckpt_path, max_ckpt_num=max_ckpt_num, max_ckpt_mem_gb=max_ckpt_mem_gb,
+                                                background=background)
 
     def _weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}

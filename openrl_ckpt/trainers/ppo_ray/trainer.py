@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from openrl_ckpt.checkpoint.comm import SingleProcessComm
 from openrl_ckpt.checkpoint.contents import GroupFiles, StagedWrite
 from openrl_ckpt.checkpoint.files import CheckpointError, read_manifest
 from openrl_ckpt.checkpoint.manager import CheckpointManager, Resumed
@@ -180,10 +179,8 @@ class RayEngineStore:
 
     def open_manager(self, ckpt_path: str, max_ckpt_num: int, max_ckpt_mem_gb: float,
                      background: bool) -> CheckpointManager:
-        manager = CheckpointManager(ckpt_path, SingleProcessComm(), max_ckpt_num=max_ckpt_num,
-                                    max_ckpt_mem_gb=max_ckpt_mem_gb,
-                                    background_comm=SingleProcessComm() if background else None)
-        manager.prepare()
+        manager = CheckpointManager.single_process(ckpt_path, max_ckpt_num=max_ckpt_num,
+                                                   max_ckpt_mem_gb=max_ckpt_mem_gb, background=background)
         # every rank writes into the driver's folder: it must see it (shared storage on a multi-node cluster)
         probe = Path(ckpt_path) / f".probe-{time.time_ns()}"
         probe.write_text("probe")
