@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                       value_head_prefix=args.value_head_prefix, ref_reward_offload=args.ref_reward_offload,
                       optimizer_steps=count_optimizer_steps(args, len(prompts), samples),
                       ema_beta=args.ema_beta if args.enable_ema else None, ptx_data=ptx_data,
-                      ptx_coef=args.ptx_coef)
+                      ptx_coef=args.ptx_coef, chat_template=args.tokenizer_chat_template)
     for attempt in range(args.max_restarts + 1):
         try:
             run_job(ray, args, topology, unit, tokenizer, prompts, spec)

@@ -328,13 +328,14 @@ class RayPPOTrainer:
 
     def fit(self) -> TrainState:
         """Train to the end; raises ``Preempted`` once a stop request is handled (checkpoint committed)."""
-        resumed_check = self.sync
         with training_run(self.checkpointer, self.driver, self.tracker_cfg, self.state,  # type: ignore[arg-type]
                           total_steps=self.total_steps, epoch_positions=self.sampler.epoch_positions,
                           logging_steps=self.cfg.logging_steps, desc=ALGORITHM) as progress:
             self.state = progress.state
-            if resumed_check is not None and self.state.global_step == 0:
-                resumed_check(check=True)  # a fresh run: the engines start from --pretrain, checked the same way
+            if self.sync is not None and self.state.global_step == 0:
+                # a fresh start: the engines get the actor's weights the way a resume gives them (checked),
+                # so the first rollout of both comes from weights that reached them the same way
+                self.sync(check=True)
             self.checkpointer.finish(self.state, self._loop(progress))
         return self.state
 

@@ -69,6 +69,7 @@ class WorkerSpec:
     ema_beta: float | None = None  # --enable_ema
     ptx_data: Any = None  # the tokenized --pretrain_data (--ptx_coef)
     ptx_coef: float = 0.0
+    chat_template: str | None = None  # --tokenizer_chat_template: the tokenizer the checkpoints and export hold
 
 
 class PPOWorker:
@@ -94,6 +95,7 @@ class PPOWorker:
     def setup(self, rank: int, world_size: int, master: tuple[str, int], spec: WorkerSpec) -> dict[str, Any]:
         """Join the group (RANK/WORLD_SIZE/MASTER_* as a launcher sets them), load this role's model(s);
         returns their identities for the train state."""
+        from openrl_ckpt.data.templates import apply_tokenizer_chat_template
         from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
         from openrl_ckpt.models.reward import load_reward_model
         from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
@@ -107,6 +109,7 @@ class PPOWorker:
         strategy.setup_distributed()
         setup_logging(strategy.rank)
         self.tokenizer = tokenizer = load_tokenizer(spec.actor.pretrain, padding_side="left")
+        apply_tokenizer_chat_template(tokenizer, spec.chat_template)
         strategy.before_model_load()
         identity: dict[str, Any] = {}
         if self.role is Role.ACTOR:
