@@ -81,7 +81,7 @@ def sequence_batch(seqs: list[list[int]], loss_starts: list[int], pad_token_id: 
 def pair_collate(samples: list[dict], pad_token_id: int, packing: bool = False) -> dict[str, torch.Tensor]:
     """B pairs as 2B sequences, chosen ones first: sequence i and i + B share a prompt."""
     seqs = [s["chosen_ids"] for s in samples] + [s["rejected_ids"] for s in samples]
-    starts = [s["prompt_len"] for s in samples] * 2
+    starts = [s["chosen_start"] for s in samples] + [s["rejected_start"] for s in samples]
     batch = sequence_batch(seqs, starts, pad_token_id, packing)
     batch["margin"] = torch.tensor([s["margin"] for s in samples], dtype=torch.float32)
     batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)

@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 import torch
 
+from openrl_ckpt.data.answer_split import tokenize_with_answer_start
 from openrl_ckpt.data.templates import TemplateConfig, render_example
 from openrl_ckpt.errors import UserError
 
@@ -83,22 +84,20 @@ def build_sft_dataset(
         batch = raw[chunk_start : chunk_start + _CHUNK_ROWS]
         keys = list(batch)
         n_rows = len(batch[keys[0]]) if keys else 0
-        prompts, fulls = [], []
+        prompts, answers = [], []
         for j in range(n_rows):
             row = {key: batch[key][j] for key in keys}
             prompt, response = render_example(row, cfg, tokenizer, where=f"{source} row {chunk_start + j + 1}")
-            text = prompt + response
-            if (text if pretrain_mode else response) == "":
+            if (prompt + response if pretrain_mode else response) == "":
                 empty += 1
                 continue
             prompts.append(prompt)
-            fulls.append(text)
-        full_ids = _token_ids(tokenizer, fulls, add_special)
-        if pretrain_mode:
-            prompt_lens = [0] * len(fulls)
+            answers.append(response)
+        if pretrain_mode:  # all text: no prompt to mask
+            split = [(ids, 0) for ids in _token_ids(tokenizer, [p + a for p, a in zip(prompts, answers)], add_special)]
         else:
-            prompt_lens = [len(ids) for ids in _token_ids(tokenizer, prompts, add_special)]
-        for ids, prompt_len in zip(full_ids, prompt_lens):
+            split = tokenize_with_answer_start(tokenizer, prompts, answers, add_special)
+        for ids, prompt_len in split:
             if not pretrain_mode:
                 if prompt_len >= max_len:
                     too_long += 1

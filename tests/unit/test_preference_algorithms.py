@@ -19,8 +19,10 @@ from openrl_ckpt.trainers.kto import KTOAlgorithm
 from openrl_ckpt.trainers.rm import RewardModelAlgorithm
 
 CPU = torch.device("cpu")
-PAIRS = [{"chosen_ids": [5, 6, 7, 2], "rejected_ids": [5, 6, 9, 10, 2], "prompt_len": 2, "margin": 0.0, "index": 0},
-         {"chosen_ids": [8, 11, 2], "rejected_ids": [8, 12, 2], "prompt_len": 1, "margin": 0.5, "index": 1}]
+PAIRS = [{"chosen_ids": [5, 6, 7, 2], "rejected_ids": [5, 6, 9, 10, 2], "chosen_start": 2, "rejected_start": 2,
+          "margin": 0.0, "index": 0},
+         {"chosen_ids": [8, 11, 2], "rejected_ids": [8, 12, 2], "chosen_start": 1, "rejected_start": 1,
+          "margin": 0.5, "index": 1}]
 ROWS = [{"prompt_ids": [5, 6], "answer_ids": [7, 2], "label": True, "index": 0},
         {"prompt_ids": [8], "answer_ids": [12, 13, 2], "label": False, "index": 1}]
 
