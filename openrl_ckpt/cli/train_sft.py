@@ -16,7 +16,7 @@ from openrl_ckpt.data.collate import pack_collate, pad_collate
 from openrl_ckpt.data.loading import load_blended_dataset
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
-from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, check_input_template
+from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template
 from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
 from openrl_ckpt.strategy.hf import save_model
@@ -30,7 +30,7 @@ log = logging.getLogger("openrl_ckpt")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli_args.Parser(prog="train_sft", description=__doc__.splitlines()[0])
     cli_args.add_model_args(p)
-    cli_args.add_data_args(p)
+    cli_args.add_data_args(p, input_template_default=cli_args.DEFAULT_INPUT_TEMPLATE)
     cli_args.add_train_args(p)
     cli_args.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_sft")
     cli_args.add_logging_args(p)
@@ -41,7 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_input_template(args.input_template)
 
     # 1. strategy: process group and batch arithmetic
     strategy = DeepspeedStrategy(cli_args.strategy_config(args))
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(strategy.rank)
 
     # 2. tokenizer and data (before the model: bad data fails in seconds)
-    tokenizer = load_tokenizer(args.pretrain)
+    tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     template = TemplateConfig(input_key=args.input_key, output_key=args.output_key,
                               input_template=args.input_template, apply_chat_template=args.apply_chat_template)

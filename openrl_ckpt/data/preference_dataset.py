@@ -240,15 +240,27 @@ class LabelledConfig:
     """Unpaired KTO data: ``--input_key --output_key --label_key`` (+ template flags)."""
 
     input_key: str
-    output_key: str
+    output_key: str | None
     label_key: str
     input_template: str | None
     apply_chat_template: bool
 
 
+def build_kto_rows(raw: datasets.Dataset, tokenizer, pairs: PreferenceConfig, rows: LabelledConfig, *,
+                   unpaired: bool, max_len: int, source: str) -> tuple[LabelledDataset, PreferenceStats]:
+    """KTO's rows: unpaired (``rows``) when asked for or when the data has no ``--chosen_key`` column, else
+    each pair split into a desirable and an undesirable row."""
+    if unpaired or pairs.chosen_key not in raw.column_names:
+        return build_labelled_dataset(raw, tokenizer, rows, max_len=max_len, source=source)
+    return split_pairs(raw, tokenizer, pairs, max_len=max_len, source=source)
+
+
 def build_labelled_dataset(raw: datasets.Dataset, tokenizer, cfg: LabelledConfig, *, max_len: int,
                            source: str) -> tuple[LabelledDataset, PreferenceStats]:
     """Unpaired KTO rows (prompt, answer, desirable?)."""
+    if cfg.output_key is None:
+        raise UserError(f"{source}: unpaired KTO rows need --output_key (the answer) and --label_key; columns: "
+                        f"{', '.join(raw.column_names)}")
     check_columns(raw, {"--input_key": cfg.input_key, "--output_key": cfg.output_key,
                         "--label_key": cfg.label_key}, source)
     tc = TemplateConfig(input_key=cfg.input_key, output_key=cfg.output_key, input_template=cfg.input_template,

@@ -25,7 +25,8 @@ def generate_vllm(pretrain: str, prompt_ids: list[list[int]], max_tokens: list[i
     params = [SamplingParams(n=1, max_tokens=limit, seed=s, skip_special_tokens=True,
                              temperature=0.0 if sampling.greedy else sampling.temperature,
                              top_p=1.0 if sampling.greedy else sampling.top_p,
-                             top_k=-1 if sampling.greedy or sampling.top_k == 0 else sampling.top_k)
+                             top_k=-1 if sampling.greedy or sampling.top_k == 0 else sampling.top_k,
+                             repetition_penalty=sampling.repetition_penalty)
               for limit, s in zip(max_tokens, seeds)]
     requests: list[Any] = [{"prompt_token_ids": ids} for ids in prompt_ids]
     outputs = llm.generate(requests, sampling_params=params, use_tqdm=True)

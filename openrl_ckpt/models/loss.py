@@ -138,6 +138,11 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimat
     return torch.expm1(-x) + x
 
 
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
+    """--use_kl_loss: the mean per-token KL estimate over the answer tokens, a term of the actor's loss."""
+    return masked_mean(kl_estimate(logp, ref_logp, estimator), mask)
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
         lambd: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation, per row from the last token back:

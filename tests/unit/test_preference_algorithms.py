@@ -101,11 +101,15 @@ def test_rm_step_is_the_pairwise_loss_of_its_rewards():
 
     def engine(**kw):  # chosen [2, -1], rejected [0.5, 0]
         return rewards
-    algo = RewardModelAlgorithm(engine, CPU, pairwise_sigmoid_loss)
+    algo = RewardModelAlgorithm(engine, CPU, pairwise_sigmoid_loss, margin_loss=True)
     out = algo.train_step(pair_collate(PAIRS, pad_token_id=0))
     expected = (-math.log(1 / (1 + math.exp(-1.5))) - math.log(1 / (1 + math.exp(-(-1.0 - 0.0 - 0.5))))) / 2
     assert abs(out.loss.item() - expected) < 1e-6
     assert out.metrics["acc"] == 0.5
+    # without --margin_loss the second pair's margin 0.5 is not subtracted
+    plain = RewardModelAlgorithm(engine, CPU, pairwise_sigmoid_loss).train_step(pair_collate(PAIRS, pad_token_id=0))
+    expected = (-math.log(1 / (1 + math.exp(-1.5))) - math.log(1 / (1 + math.exp(-(-1.0 - 0.0))))) / 2
+    assert abs(plain.loss.item() - expected) < 1e-6
 
 
 def test_packed_and_padded_batches_give_the_same_sequence_logps_and_rewards(tiny_model_dir):

@@ -21,7 +21,7 @@ from openrl_ckpt.checkpoint.state import TrainState
 from openrl_ckpt.data.sampler import ResumableDistributedSampler
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.inference.batching import batch_seed
-from openrl_ckpt.models.loss import ppo_policy_loss, ppo_value_loss, sft_loss
+from openrl_ckpt.models.loss import kl_loss, ppo_policy_loss, ppo_value_loss, sft_loss
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, ReduceOp
 from openrl_ckpt.strategy.engine_checkpoint import DeepspeedEngines
 from openrl_ckpt.trainers.base import LoopConfig
@@ -117,7 +117,8 @@ class PPOTrainer:
             self.sampler.set_consumed(state.consumed_samples)
             for rows in self.loader:
                 started = time.perf_counter()
-                exp, metrics = self.maker.make([r["input_ids"] for r in rows], state.global_step)
+                exp, metrics = self.maker.make([r["input_ids"] for r in rows], state.global_step,
+                                               labels=[r.get("label") for r in rows])
                 rollout_s = time.perf_counter() - started
                 metrics.update(self.update(exp, state.global_step))
                 self.maker.kl_ctl.update(strategy.all_reduce({"kl": metrics["kl"]})["kl"],
@@ -154,6 +155,10 @@ class PPOTrainer:
                     loss, clipfrac = ppo_policy_loss(logp, exp.old_logp[rows], exp.advantages[rows], mask,
                                                      ppo.eps_clip)
                     sums["policy_loss"] = sums.get("policy_loss", 0.0) + loss.item()
+                    if exp.ref_logp is not None:  # --use_kl_loss
+                        kl = kl_loss(logp, exp.ref_logp[rows], mask, ppo.kl_estimator)
+                        loss = loss + self.maker.kl_ctl.value * kl
+                        sums["kl_loss"] = sums.get("kl_loss", 0.0) + kl.item()
                     if self.ptx is not None:
                         ptx_loss = self._ptx_loss()
                         loss = loss + self.ptx_coef * ptx_loss
