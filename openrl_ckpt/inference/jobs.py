@@ -42,7 +42,7 @@ from openrl_ckpt.inference.postprocess import (
 )
 from openrl_ckpt.models.actor import ModelConfig, load_causal_lm, load_tokenizer
 from openrl_ckpt.models.remote_reward import RemoteRewardClient, RemoteRewardConfig, parse_remote_urls
-from openrl_ckpt.models.reward import load_reward_model, reward_token_ids
+from openrl_ckpt.models.reward import load_reward_model, reward_token_ids, use_stored_normalization
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
 
 log = logging.getLogger("openrl_ckpt")
@@ -286,11 +286,7 @@ def run_rm(args: argparse.Namespace, strategy: DeepspeedStrategy) -> None:
 
     strategy.before_model_load()
     model = load_reward_model(model_config(args), args.value_head_prefix, require_head=True)
-    stored = bool(getattr(model.config, "normalize_reward", False))
-    if args.normalize_reward and not stored:
-        raise UserError(f"--normalize_reward: {args.pretrain} stores no reward mean/std (train_rm --normalize_reward "
-                        "stores them); drop the flag to write raw rewards")
-    model.config.normalize_reward = args.normalize_reward  # raw rewards unless asked for
+    use_stored_normalization(model, args.normalize_reward, args.pretrain)
     scorer = strategy.prepare_frozen(model)
 
     work = rank_work(len(ids), args, strategy)

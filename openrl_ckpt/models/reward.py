@@ -161,6 +161,14 @@ def reward_token_ids(tokenizer: Any, texts: list[str], max_len: int) -> list[lis
     return ids
 
 
+def use_stored_normalization(model: torch.nn.Module, normalize: bool, pretrain: str) -> None:
+    """--normalize_reward when scoring: the mean/std train_rm stored, or raw rewards without the flag."""
+    if normalize and not getattr(model.config, "normalize_reward", False):
+        raise UserError(f"--normalize_reward: {pretrain} stores no reward mean/std (train_rm --normalize_reward "
+                        "stores them); drop the flag to get raw rewards")
+    model.config.normalize_reward = normalize
+
+
 def set_reward_normalization(model: torch.nn.Module, mean: float, std: float) -> None:
     """Record the reward statistics in the config, so the saved folder normalises when loaded."""
     config = model.config
