@@ -17,6 +17,7 @@ from openrl_ckpt.data.loading import load_blended_dataset
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
 from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template
+from openrl_ckpt.errors import UserError
 from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
 from openrl_ckpt.strategy.hf import save_model
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli_args.add_logging_args(p)
     g = p.add_argument_group("sft")
     cli_args.bool_flag(g, "--pretrain_mode", "continued pre-training: loss on every token, --output_key optional")
+    cli_args.bool_flag(g, "--multiturn", "with --apply_chat_template: train on every assistant turn of each "
+                       "conversation, not only the last")
     return p.parse_args(argv)
 
 
@@ -52,8 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     template = TemplateConfig(input_key=args.input_key, output_key=args.output_key,
                               input_template=args.input_template, apply_chat_template=args.apply_chat_template)
+    if args.multiturn and args.pretrain_mode:
+        raise UserError("--multiturn trains on assistant turns; --pretrain_mode on every token: choose one")
     build = partial(build_sft_dataset, tokenizer=tokenizer, cfg=template, max_len=args.max_len,
-                    pretrain_mode=args.pretrain_mode)
+                    pretrain_mode=args.pretrain_mode, multiturn=args.multiturn)
     raw = load_blended_dataset(args.dataset, args.dataset_probs, seed=args.seed, max_samples=args.max_samples,
                                split=args.dataset_split)
     train_set, stats = build(raw, source=args.dataset)

@@ -35,6 +35,38 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return length
 
 
+def tokenize_with_spans(tokenizer: Any, texts: Sequence[str], char_spans: Sequence[Sequence[tuple[int, int]]],
+                        add_special_tokens: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """For each text, its token ids and, per character span, the token span [start, stop) of the tokens
+    holding any of its characters (--multiturn: every assistant turn); a span no token holds is dropped."""
+    if not texts:
+        return []
+    kwargs = {"add_special_tokens": add_special_tokens, "return_attention_mask": False,
+              "return_token_type_ids": False}
+    out = []
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(list(texts), return_offsets_mapping=True, **kwargs)
+        for ids, offsets, spans in zip(encoded["input_ids"], encoded["offset_mapping"], char_spans):
+            token_spans = []
+            for lo, hi in spans:
+                inside = [t for t, (s, e) in enumerate(offsets) if e > s and e > lo and s < hi]
+                if inside:
+                    token_spans.append((inside[0], inside[-1] + 1))
+            out.append((ids, token_spans))
+        return out
+    for text, spans in zip(texts, char_spans):
+        ids = tokenizer(text, **kwargs)["input_ids"]
+        token_spans = []
+        for lo, hi in spans:
+            before, through = (tokenizer(text[:cut], **kwargs)["input_ids"] for cut in (lo, hi))
+            start = min(common_prefix_length(ids, before), len(before))
+            stop = max(min(common_prefix_length(ids, through), len(through)), start)
+            if stop > start:
+                token_spans.append((start, stop))
+        out.append((ids, token_spans))
+    return out
+
+
 def tokenize_with_answer_start(tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
                                add_special_tokens: bool) -> list[tuple[list[int], int]]:
     """For each pair, (token ids of ``prompt + answer``, index of its first answer token); one batched call."""

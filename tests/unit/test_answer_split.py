@@ -64,6 +64,9 @@ class SlowView:
         assert "return_offsets_mapping" not in kwargs
         return self.fast(texts, **kwargs)
 
+    def __getattr__(self, name: str):  # chat template, special tokens: the fast one's
+        return getattr(self.fast, name)
+
 
 TOKENIZERS = {"byte_level_bpe": byte_level_bpe(), "sentencepiece": sentencepiece_bpe()}
 
@@ -124,3 +127,26 @@ def test_every_job_builder_trains_the_first_answer_token(name: str) -> None:
         assert first_answer_text(pairs[i]["chosen_ids"], pairs[i]["chosen_start"]).startswith(answer)
         assert first_answer_text(pairs[i]["rejected_ids"], pairs[i]["rejected_start"]).startswith("No.")
         assert tok.decode(labelled[i]["answer_ids"]).lstrip("▁ ").startswith(answer)
+
+
+def test_multiturn_trains_every_assistant_turn_and_nothing_else(tiny_tokenizer_dir) -> None:
+    from transformers import AutoTokenizer
+
+    from openrl_ckpt.data.collate import pad_collate
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)  # ChatML
+    conversation = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                    {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Red."}]
+    cfg = TemplateConfig("messages", None, None, True)
+    raw = datasets.Dataset.from_list([{"messages": conversation}])
+    for view in (tok, SlowView(tok)):
+        ds, stats = build_sft_dataset(raw, view, cfg, max_len=128, pretrain_mode=False, source="d", multiturn=True)
+        item = ds[0]
+        trained = [tok.decode(item["input_ids"][a:b]) for a, b in item["loss_spans"]]
+        assert trained == ["Blue.<|im_end|>\n", "Red.<|im_end|>\n"]
+        mask = pad_collate([item], pad_token_id=0)["loss_mask"][0]
+        assert tok.decode([t for t, m in zip(item["input_ids"], mask) if m]) == "Blue.<|im_end|>\nRed.<|im_end|>\n"
+    # cut inside the second turn: the first stays whole, the second is trained as far as it goes
+    short, stats = build_sft_dataset(raw, tok, cfg, max_len=item["loss_spans"][1][0] + 1, pretrain_mode=False,
+                                     source="d", multiturn=True)
+    assert stats.truncated == 1 and short[0]["loss_spans"][1][1] - short[0]["loss_spans"][1][0] == 1
