@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--csft_prompt", default="<rm_score>: 5.00", help="with --enable_csft")
     g.add_argument("--iter", type=int, default=None, help="use rows [iter*R, (iter+1)*R) of the data, "
                    "R = --rollout_batch_size; past the end: exit status 3")
-    g.add_argument("--rollout_batch_size", type=int, default=None, help="prompts per --iter")
+    g.add_argument("--rollout_batch_size", type=int, default=2048, help="prompts per --iter")
     g.add_argument("--tp_size", type=int, default=1, help="generate_vllm: tensor-parallel GPUs")
     bool_flag(g, "--enable_prefix_caching", "generate_vllm: reuse the KV cache of shared prompt prefixes")
     g.add_argument("--max_num_seqs", type=int, default=256, help="generate_vllm: sequences per vLLM step")
@@ -127,8 +127,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--prompt_max_len must be at least 1, got {args.prompt_max_len}")
         if args.post_processor is not None:
             raise UserError(f"--post_processor applies to --eval_task rm, not {args.eval_task.value}")
-    elif args.iter is not None or args.rollout_batch_size is not None:
-        raise UserError("--iter and --rollout_batch_size select prompts for --eval_task generate/generate_vllm, not rm")
+    elif args.iter is not None:
+        raise UserError("--iter selects prompts for --eval_task generate/generate_vllm, not rm")
     if args.post_processor in (PostProcessor.CA, PostProcessor.CSFT):
         check_reward_template(args.reward_template)
 

@@ -13,7 +13,7 @@ from functools import partial
 from openrl_ckpt.cli import args as cli_args
 from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.collate import pack_collate, pad_collate
-from openrl_ckpt.data.loading import load_blended_dataset
+from openrl_ckpt.data.loading import load_datasets
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
 from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template
@@ -59,16 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--multiturn trains on assistant turns; --pretrain_mode on every token: choose one")
     build = partial(build_sft_dataset, tokenizer=tokenizer, cfg=template, max_len=args.max_len,
                     pretrain_mode=args.pretrain_mode, multiturn=args.multiturn)
-    raw = load_blended_dataset(args.dataset, args.dataset_probs, seed=args.seed, max_samples=args.max_samples,
-                               split=args.dataset_split)
-    train_set, stats = build(raw, source=args.dataset)
-    log.info("train data: %s", stats)
-    eval_set = None
-    if args.eval_dataset:
-        eval_raw = load_blended_dataset(args.eval_dataset, None, seed=args.seed, split=args.eval_split,
-                                        flag="--eval_dataset")
-        eval_set, eval_stats = build(eval_raw, source=args.eval_dataset)
-        log.info("eval data: %s", eval_stats)
+    train_set, eval_set = load_datasets(args, build)
 
     # 3. model
     strategy.before_model_load()

@@ -2,10 +2,12 @@
 train_prm_mistral.sh) with only the module name, the model, the data and the paths changed: every flag
 and value as they pass them, on a tiny model with tied embeddings (as small Llama/Qwen models have).
 
---flash_attn is left out (no flash-attn kernels on CPU: a one-line error, tested in tests/unit). The
-PRM launch appends three flags for the checks it also serves: --save_steps 1 (a checkpoint to resume
-from), --learning_rate 5e-3 (so bf16 weights visibly move) and --save_hf_ckpt (the tied-embedding check:
---save_path, `ckpt export` and the checkpoint's hf/ copy hold the keys save_pretrained writes)."""
+--flash_attn is left out (no flash-attn kernels on CPU: a one-line error, tested in tests/unit), and
+--train_batch_size (256 or 64 there) is 16 here, so that a few dozen rows make a few steps on two CPU
+ranks; everything else is the scripts' own, values included. The PRM launch appends three flags for
+the checks it also serves: --save_steps 1 (a checkpoint to resume from), --learning_rate 5e-3 (so bf16
+weights visibly move) and --save_hf_ckpt (the tied-embedding check: --save_path, `ckpt export` and the
+checkpoint's hf/ copy hold the keys save_pretrained writes)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from safetensors import safe_open
 pytestmark = pytest.mark.slow
 
 PLACEHOLDER = "ки"
+TRAIN_BATCH = "16"  # the scripts' 256 (64 for KTO), scaled to CPU
+ROWS = 32  # two optimizer steps
 
 
 @pytest.fixture(scope="module")
@@ -43,23 +47,24 @@ def assets(tmp_path_factory) -> dict[str, Path]:
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         return root / name
 
-    prefs = [json.loads(line) for line in (DATA / "preference.jsonl").read_text().splitlines()]
+    sft = jsonl("sft.jsonl", [json.loads(line) for line in (DATA / "sft.jsonl").read_text().splitlines()[:ROWS]])
+    prefs = [json.loads(line) for line in (DATA / "preference.jsonl").read_text().splitlines()[:ROWS]]
     chat = jsonl("pairs_chat.jsonl", [
         {"chosen": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}],
          "rejected": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]}
         for r in prefs])
     kto = jsonl("kto.jsonl", [{"instruction": r["prompt"], "response": r["completion"], "score": r["label"]}
-                              for r in map(json.loads, (DATA / "kto_unpaired.jsonl").read_text().splitlines())])
+                              for r in map(json.loads, (DATA / "kto_unpaired.jsonl").read_text().splitlines()[:ROWS])])
     rng = random.Random(0)
     steps = []
-    for _ in range(768):  # Math-Shepherd's shape: steps ending in the placeholder, a +/- label per step
+    for _ in range(48):  # three steps  # Math-Shepherd's shape: steps ending in the placeholder, a +/- label per step
         a, b = rng.randint(1, 20), rng.randint(1, 20)
         wrong = rng.random() < 0.5
         steps.append({"input": f"What is {a} plus {b}? {a} plus {b} is {a + b + wrong} {PLACEHOLDER} "
                                f"The answer is {a + b + wrong} {PLACEHOLDER}",
                       "value": ["-" if wrong else "+"] * 2})
     prm = jsonl("prm.jsonl", steps)
-    return {"root": root, "tied": tied, "teacher": teacher, "chat": chat, "kto": kto, "prm": prm}
+    return {"root": root, "tied": tied, "teacher": teacher, "sft": sft, "chat": chat, "kto": kto, "prm": prm}
 
 
 def script_run(module: str, flags: list[str]) -> None:
@@ -70,8 +75,8 @@ def script_run(module: str, flags: list[str]) -> None:
 
 def test_train_sft_llama_sh(assets, tmp_path):
     script_run("openrl_ckpt.cli.train_sft", [
-        "--max_len", "2048", "--dataset", str(DATA / "sft.jsonl"), "--input_key", "question", "--output_key",
-        "response", "--train_batch_size", "256", "--micro_train_batch_size", "2", "--max_samples", "500000",
+        "--max_len", "2048", "--dataset", str(assets["sft"]), "--input_key", "question", "--output_key",
+        "response", "--train_batch_size", TRAIN_BATCH, "--micro_train_batch_size", "2", "--max_samples", "500000",
         "--pretrain", str(assets["tied"]), "--save_path", str(tmp_path / "sft"), "--save_steps", "-1",
         "--logging_steps", "1", "--eval_steps", "-1", "--zero_stage", "2", "--max_epochs", "1", "--bf16",
         "--learning_rate", "5e-6", "--load_checkpoint", "--gradient_checkpointing",
@@ -82,7 +87,7 @@ def test_train_sft_llama_sh(assets, tmp_path):
 def test_train_rm_llama_sh(assets, tmp_path):
     script_run("openrl_ckpt.cli.train_rm", [
         "--save_path", str(tmp_path / "rm"), "--save_steps", "-1", "--logging_steps", "1", "--eval_steps", "-1",
-        "--train_batch_size", "256", "--micro_train_batch_size", "1", "--pretrain", str(assets["tied"]), "--bf16",
+        "--train_batch_size", TRAIN_BATCH, "--micro_train_batch_size", "1", "--pretrain", str(assets["tied"]), "--bf16",
         "--max_epochs", "1", "--max_len", "8192", "--zero_stage", "3", "--learning_rate", "9e-6",
         "--dataset", str(assets["chat"]), "--apply_chat_template", "--chosen_key", "chosen", "--rejected_key",
         "rejected", "--load_checkpoint", "--gradient_checkpointing", "--ckpt_path", str(tmp_path / "ckpt")])
@@ -92,7 +97,7 @@ def test_train_rm_llama_sh(assets, tmp_path):
 def test_train_dpo_llama_sh(assets, tmp_path):
     script_run("openrl_ckpt.cli.train_dpo", [
         "--save_path", str(tmp_path / "dpo"), "--save_steps", "-1", "--logging_steps", "1", "--eval_steps", "-1",
-        "--train_batch_size", "256", "--micro_train_batch_size", "1", "--pretrain", str(assets["tied"]), "--bf16",
+        "--train_batch_size", TRAIN_BATCH, "--micro_train_batch_size", "1", "--pretrain", str(assets["tied"]), "--bf16",
         "--max_epochs", "1", "--max_len", "8192", "--zero_stage", "3", "--learning_rate", "5e-7", "--beta", "0.1",
         "--dataset", str(assets["chat"]), "--apply_chat_template", "--chosen_key", "chosen", "--rejected_key",
         "rejected", "--load_checkpoint", "--gradient_checkpointing", "--ckpt_path", str(tmp_path / "ckpt")])
@@ -102,7 +107,7 @@ def test_train_dpo_llama_sh(assets, tmp_path):
 def test_train_kto_llama_sh_reads_unpaired_rows(assets, tmp_path):
     script_run("openrl_ckpt.cli.train_kto", [
         "--save_path", str(tmp_path / "kto"), "--save_steps", "-1", "--logging_steps", "1", "--eval_steps", "-1",
-        "--train_batch_size", "64", "--micro_train_batch_size", "1", "--pretrain", str(assets["tied"]), "--bf16",
+        "--train_batch_size", TRAIN_BATCH, "--micro_train_batch_size", "1", "--pretrain", str(assets["tied"]), "--bf16",
         "--max_epochs", "1", "--max_len", "8192", "--zero_stage", "3", "--learning_rate", "5e-7",
         "--dataset", str(assets["kto"]), "--input_key", "instruction", "--output_key", "response",
         "--label_key", "score", "--beta", "0.1", "--max_samples", "1024", "--gradient_checkpointing",
@@ -112,8 +117,8 @@ def test_train_kto_llama_sh_reads_unpaired_rows(assets, tmp_path):
 
 def test_train_knowledge_distillation_sh(assets, tmp_path):
     script_run("openrl_ckpt.cli.train_kd", [
-        "--max_len", "2048", "--dataset", str(DATA / "sft.jsonl"), "--input_key", "question", "--output_key",
-        "response", "--train_batch_size", "256", "--micro_train_batch_size", "2", "--max_samples", "500000",
+        "--max_len", "2048", "--dataset", str(assets["sft"]), "--input_key", "question", "--output_key",
+        "response", "--train_batch_size", TRAIN_BATCH, "--micro_train_batch_size", "2", "--max_samples", "500000",
         "--pretrain", str(assets["tied"]), "--teacher_model", str(assets["teacher"]), "--save_path",
         str(tmp_path / "kd"), "--save_steps", "-1", "--logging_steps", "1", "--eval_steps", "-1", "--zero_stage",
         "3", "--max_epochs", "1", "--bf16", "--kd_coef", "0.4", "--learning_rate", "5e-6", "--teacher_offload",
@@ -131,7 +136,7 @@ def safetensors_keys(folder: Path) -> list[str]:
 
 def prm_flags(assets, ckpt: Path, out: Path) -> list[str]:
     return ["--save_path", str(out), "--save_steps", "500", "--logging_steps", "1", "--eval_steps", "100",
-            "--train_batch_size", "256", "--micro_train_batch_size", "8", "--pretrain", str(assets["tied"]),
+            "--train_batch_size", TRAIN_BATCH, "--micro_train_batch_size", "8", "--pretrain", str(assets["tied"]),
             "--bf16", "--max_epochs", "1", "--max_len", "8192", "--zero_stage", "3", "--learning_rate", "1e-6",
             "--dataset", str(assets["prm"]), "--input_key", "input", "--label_key", "value", "--load_checkpoint",
             "--gradient_checkpointing", "--packing_samples", "--wandb_group", "prm", "--placeholder_token",

@@ -160,3 +160,20 @@ def test_packed_pair_batch_reads_the_same_last_tokens():
     packed = pair_collate([ds[0], ds[1]], pad_token_id=0, packing=True)
     assert packed["input_ids"].shape[0] == 1
     assert torch.equal(packed["input_ids"].flatten()[packed["last"]], padded["input_ids"].flatten()[padded["last"]])
+
+
+def test_kto_reads_unpaired_rows_when_the_data_has_no_pairs():
+    from openrl_ckpt.data.preference_dataset import LabelledConfig, build_kto_rows
+
+    rows = LabelledConfig(input_key="q", output_key="a", label_key="ok", input_template=None,
+                          apply_chat_template=False)
+    unpaired = datasets.Dataset.from_list([{"q": "Q:", "a": "yes", "ok": True}, {"q": "Q:", "a": "no", "ok": False}])
+    ds, _ = build_kto_rows(unpaired, TOK, PROMPTED, rows, unpaired=False, max_len=64, source="d")  # no 'c' column
+    assert [ds[i]["label"] for i in range(2)] == [True, False] and ds[0]["answer_ids"][-1] == EOS
+    paired = datasets.Dataset.from_list([{"p": "Q:", "c": "yes", "r": "no"}])
+    ds, _ = build_kto_rows(paired, TOK, PROMPTED, rows, unpaired=False, max_len=64, source="d")
+    assert [ds[i]["label"] for i in range(2)] == [True, False]  # chosen desirable, rejected not
+    no_answer = LabelledConfig(input_key="q", output_key=None, label_key="ok", input_template=None,
+                               apply_chat_template=False)
+    with pytest.raises(UserError, match="unpaired KTO rows need --output_key"):
+        build_kto_rows(unpaired, TOK, PROMPTED, no_answer, unpaired=False, max_len=64, source="d")
