@@ -182,6 +182,22 @@ def model_config(args: argparse.Namespace, pretrain: str | None = None) -> Model
                        load_in_4bit=args.load_in_4bit, aux_loss_coef=args.aux_loss_coef)
 
 
+def add_serving_model_args(g: argparse._ArgumentGroup) -> None:
+    """The model flags of the jobs that load one model to answer with (serve_rm, interactive_chat)."""
+    bool_flag(g, "--bf16", "bfloat16 weights")
+    bool_flag(g, "--flash_attn", "use Flash Attention 2 (needs the flash-attn package)")
+    bool_flag(g, "--load_in_4bit", "4-bit weights through bitsandbytes (refused: serve the model unquantized)")
+    bool_flag(g, "--disable_fast_tokenizer", "load the tokenizer's slow (Python) implementation")
+    bool_flag(g, "--use_ms", "load the model from ModelScope (needs modelscope and its hub)")
+
+
+def check_serving_model_args(args: argparse.Namespace) -> None:
+    check_unavailable_flags(args)
+    if args.load_in_4bit:
+        raise UserError("--load_in_4bit: 4-bit weights are for QLoRA training here (bitsandbytes on CUDA); load the "
+                        "model unquantized")
+
+
 def check_unavailable_flags(args: argparse.Namespace) -> None:
     """Flags of kernels and hubs this machine cannot reach: one line saying why, before anything loads."""
     if getattr(args, "ring_attn_size", 1) != 1:

@@ -13,8 +13,9 @@ from openrl_ckpt.cli.args import (
     DEFAULT_INPUT_TEMPLATE,
     Parser,
     add_input_template_arg,
+    add_serving_model_args,
     bool_flag,
-    check_unavailable_flags,
+    check_serving_model_args,
 )
 from openrl_ckpt.cli.entry import run
 from openrl_ckpt.errors import UserError
@@ -26,11 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="interactive_chat", description=__doc__.splitlines()[0])
     g = p.add_argument_group("model")
     g.add_argument("--pretrain", required=True, help="a model folder (a run's --save_path) or hub id")
-    bool_flag(g, "--bf16", "bfloat16 weights")
-    bool_flag(g, "--flash_attn", "use Flash Attention 2 (needs the flash-attn package)")
-    bool_flag(g, "--load_in_4bit", "4-bit weights through bitsandbytes (CUDA only)")
-    bool_flag(g, "--disable_fast_tokenizer", "load the tokenizer's slow (Python) implementation")
-    bool_flag(g, "--use_ms", "load the model from ModelScope (needs modelscope and its hub)")
+    add_serving_model_args(g)
     g = p.add_argument_group("sampling")
     g.add_argument("--max_len", type=int, default=4096, help="prompt (the whole history) plus answer, in tokens")
     bool_flag(g, "--greedy_sampling", "greedy decoding")
@@ -49,9 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_unavailable_flags(args)
-    if args.load_in_4bit:
-        raise UserError("--load_in_4bit: 4-bit weights need bitsandbytes on CUDA; chat without it")
+    check_serving_model_args(args)
     if not args.apply_chat_template and args.input_template is None:
         raise UserError("--input_template '': a chat needs a template (or --apply_chat_template)")
     preamble = ""

@@ -14,7 +14,7 @@ import signal
 import threading
 from types import FrameType
 
-from openrl_ckpt.cli.args import Parser, bool_flag, check_unavailable_flags
+from openrl_ckpt.cli.args import Parser, add_serving_model_args, bool_flag, check_serving_model_args
 from openrl_ckpt.cli.entry import run
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.utils.tracking import setup_logging
@@ -29,11 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--value_head_prefix", "--head_prefix", dest="value_head_prefix", default="score")
     bool_flag(g, "--normalize_reward", "apply the reward mean/std train_rm --normalize_reward stored in the model")
     g.add_argument("--max_len", type=int, default=2048, help="longer texts are cut (EOS kept last)")
-    bool_flag(g, "--bf16", "bfloat16 weights")
-    bool_flag(g, "--flash_attn", "use Flash Attention 2 (needs the flash-attn package)")
-    bool_flag(g, "--load_in_4bit", "4-bit weights through bitsandbytes (CUDA only)")
-    bool_flag(g, "--disable_fast_tokenizer", "load the tokenizer's slow (Python) implementation")
-    bool_flag(g, "--use_ms", "load the model from ModelScope (needs modelscope and its hub)")
+    add_serving_model_args(g)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0")
     g.add_argument("--port", type=int, default=5000, help="0: a free port (logged)")
@@ -45,9 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_unavailable_flags(args)
-    if args.load_in_4bit:
-        raise UserError("--load_in_4bit: 4-bit weights need bitsandbytes on CUDA; serve the reward model without it")
+    check_serving_model_args(args)
     if args.max_len < 2 or (args.batch_size is not None and args.batch_size < 1):
         raise UserError(f"--max_len must be at least 2 and --batch_size at least 1, got {args.max_len} and "
                         f"{args.batch_size}")
