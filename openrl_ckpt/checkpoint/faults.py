@@ -10,7 +10,8 @@ call is a dictionary lookup.
 
 Points: ``step`` (every optimizer-step boundary of the training loop), ``write`` (before a save
 writes its engine files; in the background thread for --async_save), ``after_engines``,
-``before_commit``, ``after_commit``.
+``before_commit``, ``after_commit``; in ``serve_rm``, ``reward_request`` (before answering the N-th request:
+a reward server that dies mid-run).
 """
 
 from __future__ import annotations

@@ -30,6 +30,27 @@ def bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
     p.add_argument(name, action="store_true", default=False, help=help)
 
 
+DEFAULT_INPUT_TEMPLATE = "User: {}\nAssistant: "  # SFT, KD and KTO's default, as in OpenRLHF 0.6.x
+
+
+def input_template(value: str) -> str | None:
+    """--input_template: checked at parse time; the empty string means no template."""
+    from openrl_ckpt.data.templates import check_input_template
+
+    if value == "":
+        return None
+    try:
+        check_input_template(value)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--input_template ")) from None
+    return value
+
+
+def add_input_template_arg(g: argparse._ArgumentGroup, default: str | None) -> None:
+    g.add_argument("--input_template", type=input_template, default=default,
+                   help=f"'{{}}' is replaced by the input; '' for none (default: {default!r})")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--pretrain", required=True, help="Hugging Face model folder or hub id")
@@ -41,26 +62,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_rank", type=int, default=0, help="> 0 enables LoRA (PEFT)")
     g.add_argument("--lora_alpha", type=int, default=16)
     g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--target_modules", default="all-linear", help="comma-separated module names, or all-linear")
+    g.add_argument("--target_modules", nargs="*", default="all-linear",
+                   help="LoRA's modules: names separated by spaces or commas, or all-linear")
     bool_flag(g, "--load_in_4bit", "QLoRA through bitsandbytes (CUDA only)")
+    bool_flag(g, "--gradient_checkpointing_use_reentrant", "the reentrant variant of activation checkpointing")
+    bool_flag(g, "--disable_fast_tokenizer", "load the tokenizer's slow (Python) implementation")
+    bool_flag(g, "--use_liger_kernel", "Liger's fused Triton kernels (needs CUDA and liger-kernel; refused here)")
+    bool_flag(g, "--torch_compile", "compile the model with torch.compile (DeepSpeed's engine.compile)")
+    g.add_argument("--ring_attn_size", type=int, default=1, help="ring attention group size (needs "
+                   "ring-flash-attn on CUDA; only 1 works here)")
+    g.add_argument("--ring_head_stride", type=int, default=1, help="heads per ring attention step")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
+def add_data_args(p: argparse.ArgumentParser, input_template_default: str | None = None) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, help="comma-separated files (json, jsonl, parquet, csv), "
                    "save_to_disk folders or hub names")
-    g.add_argument("--dataset_probs", default=None, help="comma-separated mixing probabilities")
-    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--dataset_probs", default=None, help="comma-separated mixing probabilities (default: equal)")
+    g.add_argument("--train_split", "--dataset_split", dest="dataset_split", default="train",
+                   help="the split of hub datasets and saved dataset dicts")
     g.add_argument("--eval_dataset", default=None)
-    g.add_argument("--eval_split", default="train")
-    g.add_argument("--max_samples", type=int, default=None, help="use at most this many training rows")
+    g.add_argument("--eval_split", default="test")
+    g.add_argument("--max_samples", type=int, default=100_000_000, help="use at most this many training rows")
     g.add_argument("--max_len", type=int, default=2048, help="max tokens per sample (longer ones are truncated)")
     g.add_argument("--input_key", default="input")
     g.add_argument("--output_key", default=None)
-    g.add_argument("--input_template", default=None, help="e.g. 'User: {}\\nAssistant: '")
+    add_input_template_arg(g, input_template_default)
     bool_flag(g, "--apply_chat_template", "render rows with the tokenizer's chat template")
     g.add_argument("--tokenizer_chat_template", default=None, help="a Jinja chat template, or a file holding one")
     bool_flag(g, "--packing_samples", "pack each micro batch into one row (no padding)")
+    bool_flag(g, "--use_ms", "load hub models and datasets from ModelScope (needs modelscope and its hub)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +114,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logging_steps", type=int, default=1)
     g.add_argument("--eval_steps", type=int, default=-1, help="-1: evaluate once per epoch")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    g.add_argument("--zpg", type=int, default=1, help="ZeRO++ hierarchical partition size (ranks per weight "
+                   "replica group); 1: off")
+    bool_flag(g, "--overlap_comm", "overlap ZeRO's gradient reduction with the backward pass")
+    bool_flag(g, "--full_determinism", "deterministic kernels everywhere (transformers' enable_full_determinism)")
 
 
 def add_ckpt_args(p: argparse.ArgumentParser, default_ckpt: str) -> None:
@@ -93,6 +128,8 @@ def add_ckpt_args(p: argparse.ArgumentParser, default_ckpt: str) -> None:
                    "(PPO: episode); -1: off")
     g.add_argument("--ckpt_path", default=default_ckpt)
     bool_flag(g, "--load_checkpoint", "resume from the newest valid checkpoint in --ckpt_path, if any")
+    bool_flag(g, "--use_ds_universal_ckpt", "resume through DeepSpeed's universal format (done here on its own "
+              "whenever the world size or ZeRO stage changed)")
     g.add_argument("--resume_from", default=None, help="resume from this checkpoint instead (a step number or a "
                    "global_step<N> folder of --ckpt_path); its newer ones are set aside under set_aside/, never "
                    "deleted")
@@ -135,21 +172,62 @@ def model_config(args: argparse.Namespace, pretrain: str | None = None) -> Model
     """The model flags; ``pretrain`` overrides --pretrain (reference, teacher, reward models)."""
     from openrl_ckpt.models.actor import ModelConfig
 
+    targets = args.target_modules
     return ModelConfig(pretrain=args.pretrain if pretrain is None else pretrain, bf16=args.bf16,
                        flash_attn=args.flash_attn, attn_implementation=args.attn_implementation,
-                       gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank,
-                       lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                       target_modules=args.target_modules, load_in_4bit=args.load_in_4bit,
-                       aux_loss_coef=args.aux_loss_coef)
+                       gradient_checkpointing=args.gradient_checkpointing,
+                       gradient_checkpointing_use_reentrant=args.gradient_checkpointing_use_reentrant,
+                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                       target_modules=targets if isinstance(targets, str) else ",".join(targets),
+                       load_in_4bit=args.load_in_4bit, aux_loss_coef=args.aux_loss_coef)
+
+
+def add_serving_model_args(g: argparse._ArgumentGroup) -> None:
+    """The model flags of the jobs that load one model to answer with (serve_rm, interactive_chat)."""
+    bool_flag(g, "--bf16", "bfloat16 weights")
+    bool_flag(g, "--flash_attn", "use Flash Attention 2 (needs the flash-attn package)")
+    bool_flag(g, "--load_in_4bit", "4-bit weights through bitsandbytes (refused: serve the model unquantized)")
+    bool_flag(g, "--disable_fast_tokenizer", "load the tokenizer's slow (Python) implementation")
+    bool_flag(g, "--use_ms", "load the model from ModelScope (needs modelscope and its hub)")
+
+
+def check_serving_model_args(args: argparse.Namespace) -> None:
+    check_unavailable_flags(args)
+    if args.load_in_4bit:
+        raise UserError("--load_in_4bit: 4-bit weights are for QLoRA training here (bitsandbytes on CUDA); load the "
+                        "model unquantized")
+
+
+def check_unavailable_flags(args: argparse.Namespace) -> None:
+    """Flags of kernels and hubs this machine cannot reach: one line saying why, before anything loads."""
+    if getattr(args, "ring_attn_size", 1) != 1:
+        raise UserError(f"--ring_attn_size {args.ring_attn_size}: ring attention needs the ring-flash-attn and "
+                        "flash-attn kernels on CUDA, which this build does not ship; train with --ring_attn_size 1")
+    if getattr(args, "use_liger_kernel", False):
+        raise UserError("--use_liger_kernel: Liger's Triton kernels need CUDA and the liger-kernel package, which "
+                        "this build does not ship; drop the flag")
+    if getattr(args, "use_ms", False):
+        try:
+            import modelscope  # noqa: F401
+        except ImportError:
+            raise UserError("--use_ms: ModelScope is not reachable from here (the modelscope package is not "
+                            "installed); drop the flag to load from Hugging Face or local paths") from None
+        raise UserError("--use_ms: loading from ModelScope's hub is not supported by this build; download the model "
+                        "and data and pass their local paths")
 
 
 def strategy_config(args: argparse.Namespace) -> StrategyConfig:
+    """The first config every training job builds: flags this machine cannot serve fail here."""
     from openrl_ckpt.strategy.deepspeed import StrategyConfig
 
+    check_unavailable_flags(args)
+    if args.zpg < 1:
+        raise UserError(f"--zpg must be at least 1, got {args.zpg}")
     return StrategyConfig(seed=args.seed, zero_stage=args.zero_stage, bf16=args.bf16,
                           micro_train_batch_size=args.micro_train_batch_size, train_batch_size=args.train_batch_size,
                           max_norm=args.max_norm, adam_offload=args.adam_offload,
-                          grad_accum_dtype=args.grad_accum_dtype)
+                          grad_accum_dtype=args.grad_accum_dtype, zpg=args.zpg, overlap_comm=args.overlap_comm,
+                          full_determinism=args.full_determinism, torch_compile=args.torch_compile)
 
 
 def optim_config(args: argparse.Namespace, learning_rate: float | None = None) -> OptimConfig:

@@ -17,11 +17,10 @@ import enum
 import os
 from collections.abc import Callable
 
-from openrl_ckpt.cli.args import Parser, bool_flag
+from openrl_ckpt.cli.args import Parser, add_input_template_arg, bool_flag, check_unavailable_flags
 from openrl_ckpt.cli.entry import run
-from openrl_ckpt.data.templates import check_input_template
 from openrl_ckpt.errors import UserError
-from openrl_ckpt.inference.jobs import run_generate, run_generate_vllm, run_rm, sampling_config
+from openrl_ckpt.inference.jobs import run_generate, run_generate_vllm, run_rm, run_rm_remote, sampling_config
 from openrl_ckpt.inference.postprocess import DEFAULT_REWARD_TEMPLATE, PostProcessor, check_reward_template
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, StrategyConfig
 from openrl_ckpt.utils.tracking import setup_logging
@@ -38,24 +37,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval_task", choices=[task.value for task in EvalTask], required=True)
     p.add_argument("--output_path", required=True, help="JSON-lines file, written atomically")
     g = p.add_argument_group("model")
-    g.add_argument("--pretrain", required=True, help="policy (generate) or reward model (rm) folder or hub id")
+    g.add_argument("--pretrain", default=None, help="policy (generate) or reward model (rm) folder or hub id")
     bool_flag(g, "--bf16", "bfloat16 weights")
     bool_flag(g, "--flash_attn", "use Flash Attention 2 (needs the flash-attn package)")
     g.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     g.add_argument("--zero_stage", type=int, default=0, help="3: weights partitioned over the ranks")
     g.add_argument("--micro_batch_size", type=int, default=16, help="rows per forward / generate call per rank")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    bool_flag(g, "--disable_fast_tokenizer", "load the tokenizer's slow (Python) implementation")
+    bool_flag(g, "--full_determinism", "deterministic kernels everywhere (transformers' enable_full_determinism)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, help="comma-separated files, save_to_disk folders or hub names")
-    g.add_argument("--dataset_probs", default=None, help="comma-separated mixing probabilities")
+    g.add_argument("--dataset_probs", default=None, help="comma-separated mixing probabilities (default: equal)")
     g.add_argument("--dataset_split", default="train")
-    g.add_argument("--max_samples", type=int, default=None, help="use at most this many rows")
+    g.add_argument("--max_samples", type=int, default=100_000_000, help="use at most this many rows")
     g.add_argument("--max_len", type=int, default=2048, help="max tokens of prompt + answer")
     g.add_argument("--input_key", default="input", help="prompt column (generate) or input column (rm)")
     g.add_argument("--output_key", default="output", help="answer column (rm)")
-    g.add_argument("--input_template", default=None, help="e.g. 'User: {}\\nAssistant: '")
+    add_input_template_arg(g, None)
     bool_flag(g, "--apply_chat_template", "render prompts with the tokenizer's chat template")
+    bool_flag(g, "--use_ms", "load hub models and datasets from ModelScope (needs modelscope and its hub)")
     g.add_argument("--tokenizer_chat_template", default=None, help="a Jinja chat template, or a file holding one")
     g = p.add_argument_group("generate, generate_vllm")
     g.add_argument("--prompt_max_len", type=int, default=1024, help="longer prompts are skipped (counted)")
@@ -65,9 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--top_p", type=float, default=1.0)
     g.add_argument("--top_k", type=int, default=0, help="0: off")
     bool_flag(g, "--greedy_sampling", "greedy decoding (one answer per prompt makes sense)")
+    g.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0: off; > 1 discourages repeats")
+    bool_flag(g, "--enable_csft", "conditional SFT: end every prompt with --csft_prompt (the score to condition on)")
+    g.add_argument("--csft_prompt", default="<rm_score>: 5.00", help="with --enable_csft")
     g.add_argument("--iter", type=int, default=None, help="use rows [iter*R, (iter+1)*R) of the data, "
                    "R = --rollout_batch_size; past the end: exit status 3")
-    g.add_argument("--rollout_batch_size", type=int, default=None, help="prompts per --iter")
+    g.add_argument("--rollout_batch_size", type=int, default=2048, help="prompts per --iter")
     g.add_argument("--tp_size", type=int, default=1, help="generate_vllm: tensor-parallel GPUs")
     bool_flag(g, "--enable_prefix_caching", "generate_vllm: reuse the KV cache of shared prompt prefixes")
     g.add_argument("--max_num_seqs", type=int, default=256, help="generate_vllm: sequences per vLLM step")
@@ -75,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--value_head_prefix", "--head_prefix", dest="value_head_prefix", default="score",
                    help="name of the reward head's weights")
     bool_flag(g, "--normalize_reward", "apply the reward mean/std stored in the model by train_rm --normalize_reward")
+    g.add_argument("--remote_rm_url", default=None, help="URL[,URL] of reward servers (serve_rm) instead of "
+                   "--pretrain; their rewards are averaged")
+    g.add_argument("--remote_rm_timeout", type=float, default=60.0, help="seconds per reward request")
+    g.add_argument("--remote_rm_retries", type=int, default=5, help="tries after a failed request (the pause "
+                   "doubles from 1 s)")
     g.add_argument("--post_processor", choices=[processor.value for processor in PostProcessor], default=None,
                    help="rs: best answer per input; ca (csft): reward written into the input; "
                    "iter_dpo: best and worst answer per input as a DPO pair")
@@ -89,7 +99,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     generating = args.eval_task is not EvalTask.RM
-    check_input_template(args.input_template)
+    check_unavailable_flags(args)
+    remote = args.remote_rm_url is not None
+    if remote and args.eval_task is not EvalTask.RM:
+        raise UserError(f"--remote_rm_url scores with --eval_task rm, not {args.eval_task.value}")
+    if remote and args.pretrain is not None:
+        raise UserError("--remote_rm_url replaces --pretrain: give one of the two")
+    if not remote and args.pretrain is None:
+        raise UserError("--pretrain is required (a policy for generate, a reward model for rm)")
+    if remote and args.normalize_reward:
+        raise UserError("--normalize_reward applies a local reward model's statistics; a reward server normalises "
+                        "itself (serve_rm --normalize_reward)")
     if args.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"--zero_stage must be 0, 1, 2 or 3, got {args.zero_stage}")
     if args.micro_batch_size < 1:
@@ -107,8 +127,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--prompt_max_len must be at least 1, got {args.prompt_max_len}")
         if args.post_processor is not None:
             raise UserError(f"--post_processor applies to --eval_task rm, not {args.eval_task.value}")
-    elif args.iter is not None or args.rollout_batch_size is not None:
-        raise UserError("--iter and --rollout_batch_size select prompts for --eval_task generate/generate_vllm, not rm")
+    elif args.iter is not None:
+        raise UserError("--iter selects prompts for --eval_task generate/generate_vllm, not rm")
     if args.post_processor in (PostProcessor.CA, PostProcessor.CSFT):
         check_reward_template(args.reward_template)
 
@@ -118,13 +138,14 @@ def inference_strategy(args: argparse.Namespace) -> DeepspeedStrategy:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return DeepspeedStrategy(StrategyConfig(seed=args.seed, zero_stage=args.zero_stage, bf16=args.bf16,
                                             micro_train_batch_size=args.micro_batch_size,
-                                            train_batch_size=args.micro_batch_size * world))
+                                            train_batch_size=args.micro_batch_size * world,
+                                            full_determinism=args.full_determinism))
 
 
 JOBS: dict[EvalTask, Callable[[argparse.Namespace], None]] = {
     EvalTask.GENERATE: lambda args: run_generate(args, inference_strategy(args)),
     EvalTask.GENERATE_VLLM: run_generate_vllm,  # one process and no strategy: vLLM places the model itself
-    EvalTask.RM: lambda args: run_rm(args, inference_strategy(args)),
+    EvalTask.RM: lambda args: run_rm_remote(args) if args.remote_rm_url else run_rm(args, inference_strategy(args)),
 }
 
 

@@ -18,12 +18,14 @@ from openrl_ckpt.errors import UserError
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="lora_combiner", description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="the base model folder (the run's --pretrain)")
-    p.add_argument("--lora", required=True, help="the PEFT adapter folder")
-    p.add_argument("--output", required=True, help="a new folder for the merged model")
+    p.add_argument("--base", "--model_path", dest="base", required=True, help="the base model folder (the run's "
+                   "--pretrain)")
+    p.add_argument("--lora", "--lora_path", dest="lora", required=True, help="the PEFT adapter folder")
+    p.add_argument("--output", "--output_path", dest="output", required=True, help="a new folder for the merged model")
     p.add_argument("--is_rm", action="store_true", help="the base and adapter are a reward model's")
     p.add_argument("--value_head_prefix", default="score", help="the reward model's head (with --is_rm)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: the base model's")
+    p.add_argument("--bf16", action="store_const", const="bf16", dest="dtype", help="the same as --dtype bf16")
     return p.parse_args(argv)
 
 

@@ -16,7 +16,7 @@ from openrl_ckpt.data.collate import pair_collate
 from openrl_ckpt.data.loading import load_datasets
 from openrl_ckpt.data.preference_dataset import build_preference_dataset
 from openrl_ckpt.data.sampler import steps_per_epoch
-from openrl_ckpt.data.templates import apply_tokenizer_chat_template, check_input_template
+from openrl_ckpt.data.templates import apply_tokenizer_chat_template
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
 from openrl_ckpt.models.loss import dpo_loss, ipo_loss
@@ -43,12 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli_args.bool_flag(g, "--ipo", "IPO loss: (h - 1/(2 beta))^2 on per-token average log-probabilities")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="cDPO: assumed rate of flipped labels")
     g.add_argument("--nll_loss_coef", type=float, default=0.0, help="weight of an NLL loss on chosen answers")
+    p.set_defaults(max_epochs=1, learning_rate=1e-5, max_len=512)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_input_template(args.input_template)
     if args.beta <= 0:
         raise UserError(f"--beta must be positive, got {args.beta}")
     if not 0 <= args.label_smoothing < 0.5:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(strategy.rank)
 
     # 2. tokenizer and pairs (before the models: bad data fails in seconds)
-    tokenizer = load_tokenizer(args.pretrain)
+    tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     build = partial(build_preference_dataset, tokenizer=tokenizer, cfg=cli_args.preference_config(args),
                     max_len=args.max_len)

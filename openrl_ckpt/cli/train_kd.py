@@ -16,7 +16,7 @@ from openrl_ckpt.data.collate import pack_collate, pad_collate
 from openrl_ckpt.data.loading import load_datasets
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
-from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, check_input_template
+from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
 from openrl_ckpt.models.loss import kd_forward_loss, kd_reverse_loss
@@ -36,7 +36,7 @@ KD_LOSSES = {"forward": kd_forward_loss, "reverse": kd_reverse_loss}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli_args.Parser(prog="train_kd", description=__doc__.splitlines()[0])
     cli_args.add_model_args(p)
-    cli_args.add_data_args(p)
+    cli_args.add_data_args(p, input_template_default=cli_args.DEFAULT_INPUT_TEMPLATE)
     cli_args.add_train_args(p)
     cli_args.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_kd")
     cli_args.add_logging_args(p)
@@ -47,12 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--kd_loss", choices=sorted(KD_LOSSES), default="forward",
                    help="forward: cross-entropy against the teacher's distribution; reverse: KL(student || teacher)")
     cli_args.bool_flag(g, "--pretrain_mode", "continued pre-training: loss on every token, --output_key optional")
+    p.set_defaults(max_epochs=1, output_key="output")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_input_template(args.input_template)
     if not 0 <= args.kd_coef <= 1:
         raise UserError(f"--kd_coef must be in [0, 1], got {args.kd_coef}")
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(strategy.rank)
 
     # 2. tokenizers (one, shared by student and teacher) and data
-    tokenizer = load_tokenizer(args.pretrain)
+    tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer)
     difference = tokenizer_difference(tokenizer, load_tokenizer(args.teacher_model))
     if difference:
         raise UserError(f"--teacher_model {args.teacher_model}: its tokenizer differs from --pretrain's "

@@ -13,13 +13,20 @@ from typing import Any
 from openrl_ckpt.cli import args as cli_args
 from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.loading import load_blended_dataset
+from openrl_ckpt.data.preference_dataset import check_columns
 from openrl_ckpt.data.prompts import tokenize_prompts
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
-from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, check_input_template
+from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.inference.generation import SamplingConfig
 from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
 from openrl_ckpt.models.loss import KLEstimator
+from openrl_ckpt.models.remote_reward import (
+    RemoteRewardClient,
+    RemoteRewardConfig,
+    RemoteRewardScorer,
+    parse_remote_urls,
+)
 from openrl_ckpt.models.reward import load_reward_model
 from openrl_ckpt.models.tokenizers import tokenizer_difference
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
@@ -51,20 +58,36 @@ def add_ppo_args(p: cli_args.argparse.ArgumentParser, default_ckpt: str) -> None
     cli_args.add_logging_args(p)
     p.set_defaults(max_epochs=1, micro_train_batch_size=4, train_batch_size=128)
     g = p.add_argument_group("prompts")
-    g.add_argument("--prompt_data", required=True, help="comma-separated prompt datasets (files, folders, hub names)")
-    g.add_argument("--prompt_data_probs", default=None, help="comma-separated mixing probabilities")
+    g.add_argument("--prompt_data", "--dataset", dest="prompt_data", required=True,
+                   help="comma-separated prompt datasets (files, folders, hub names)")
+    g.add_argument("--prompt_data_probs", "--dataset_probs", dest="prompt_data_probs", default=None,
+                   help="comma-separated mixing probabilities (default: equal)")
     g.add_argument("--prompt_split", default="train")
-    g.add_argument("--max_samples", type=int, default=None, help="use at most this many prompts")
+    g.add_argument("--max_samples", type=int, default=1_000_000, help="use at most this many prompts")
     g.add_argument("--input_key", default="input")
-    g.add_argument("--input_template", default=None, help="e.g. 'User: {}\\nAssistant: '")
+    g.add_argument("--label_key", default=None, help="a column sent with each sample to --remote_rm_url (e.g. the "
+                   "reference answer a rule-based reward compares with)")
+    cli_args.add_input_template_arg(g, None)
     cli_args.bool_flag(g, "--apply_chat_template", "render prompts with the tokenizer's chat template")
     g.add_argument("--tokenizer_chat_template", default=None, help="a Jinja chat template, or a file holding one")
     g.add_argument("--prompt_max_len", type=int, default=1024, help="longer prompts are skipped (counted)")
+    g.add_argument("--max_len", type=int, default=None, help="the --pretrain_data sequence length (default: "
+                   "--prompt_max_len + --generate_max_len)")
+    cli_args.bool_flag(g, "--use_ms", "load hub models and datasets from ModelScope (needs modelscope and its hub)")
     g = p.add_argument_group("models")
-    g.add_argument("--reward_pretrain", required=True, help="comma-separated reward models (train_rm folders); "
-                   "their scores are averaged")
-    g.add_argument("--critic_pretrain", default=None, help="critic initialisation (default: the first reward model)")
-    g.add_argument("--value_head_prefix", default="score", help="name of the reward models' and critic's head")
+    g.add_argument("--reward_pretrain", default=None, help="comma-separated reward models (train_rm folders); "
+                   "their scores are averaged (or --remote_rm_url)")
+    g.add_argument("--remote_rm_url", default=None, help="URL[,URL] of reward servers (serve_rm's /get_reward) "
+                   "instead of --reward_pretrain; their rewards are averaged")
+    g.add_argument("--remote_rm_timeout", type=float, default=60.0, help="seconds per reward request")
+    g.add_argument("--remote_rm_retries", type=int, default=5, help="tries after a failed reward request (the "
+                   "pause doubles from 1 s), then the run stops with its last checkpoint intact")
+    g.add_argument("--critic_pretrain", default=None, help="critic initialisation (default: the first reward model; "
+                   "with --remote_rm_url, --pretrain with a new value head)")
+    g.add_argument("--value_head_prefix", "--head_prefix", dest="value_head_prefix", default="score",
+                   help="name of the reward models' and critic's head")
+    cli_args.bool_flag(g, "--actor_init_on_gpu", "accepted for compatibility: models are loaded on the host and "
+                       "moved to the device by DeepSpeed either way")
     cli_args.bool_flag(g, "--ref_reward_offload", "keep the reference and reward models on the CPU between uses")
     cli_args.bool_flag(g, "--allow_tokenizer_mismatch", "reward models with another tokenizer score the decoded text")
     cli_args.bool_flag(g, "--save_value_network", "also write the critic in Hugging Face format to <save_path>_critic")
@@ -84,6 +107,8 @@ def add_ppo_args(p: cli_args.argparse.ArgumentParser, default_ckpt: str) -> None
     g.add_argument("--kl_target", type=float, default=None, help="adaptive KL coefficient towards this KL")
     g.add_argument("--kl_horizon", type=int, default=10000)
     g.add_argument("--kl_estimator", choices=[e.value for e in KLEstimator], default=KLEstimator.K1.value)
+    cli_args.bool_flag(g, "--use_kl_loss", "the KL to the reference enters the actor's loss (GRPO) instead of the "
+                       "reward (k2 or k3 recommended)")
     g.add_argument("--gamma", type=float, default=1.0)
     g.add_argument("--lambd", type=float, default=0.95)
     g.add_argument("--eps_clip", type=float, default=0.2)
@@ -93,8 +118,8 @@ def add_ppo_args(p: cli_args.argparse.ArgumentParser, default_ckpt: str) -> None
     g.add_argument("--advantage_estimator", choices=[e.value for e in AdvantageEstimator],
                    default=AdvantageEstimator.GAE.value)
     g.add_argument("--freezing_actor_steps", type=int, default=-1, help="train only the critic for this many steps")
-    g.add_argument("--ptx_coef", type=float, default=0.0, help="weight of an SFT loss on --pretrain_data in the "
-                   "actor's loss")
+    g.add_argument("--ptx_coef", type=float, default=0.05, help="weight of an SFT loss on --pretrain_data in the "
+                   "actor's loss (only with --pretrain_data)")
     g.add_argument("--pretrain_data", default=None, help="comma-separated pretraining datasets for --ptx_coef")
     g.add_argument("--pretrain_data_probs", default=None)
     g.add_argument("--pretrain_split", default="train")
@@ -106,7 +131,19 @@ def add_ppo_args(p: cli_args.argparse.ArgumentParser, default_ckpt: str) -> None
 
 def check_args(args: cli_args.argparse.Namespace) -> None:
     """Flag checks that need no process group."""
-    check_input_template(args.input_template)
+    if (args.reward_pretrain is None) == (args.remote_rm_url is None):
+        raise UserError("give the reward as --reward_pretrain (local reward models) or --remote_rm_url (reward "
+                        "servers), one of the two")
+    if args.remote_rm_url is not None and args.allow_tokenizer_mismatch:
+        raise UserError("--allow_tokenizer_mismatch is about --reward_pretrain's tokenizers; a reward server reads "
+                        "text")
+    if args.label_key is not None and args.remote_rm_url is None:
+        raise UserError("--label_key sends a column to the reward server: it needs --remote_rm_url")
+    if args.use_kl_loss and args.init_kl_coef == 0:
+        raise UserError("--use_kl_loss needs a reference model: --init_kl_coef must be positive")
+    if args.remote_rm_timeout <= 0 or args.remote_rm_retries < 0:
+        raise UserError(f"--remote_rm_timeout must be positive and --remote_rm_retries 0 or more, got "
+                        f"{args.remote_rm_timeout} and {args.remote_rm_retries}")
     for flag, unsupported in (("--enable_ema with --zero_stage 3", args.enable_ema and args.zero_stage == 3),
                               ("--lora_rank", args.lora_rank > 0), ("--load_in_4bit", args.load_in_4bit)):
         if unsupported:
@@ -125,9 +162,8 @@ def check_args(args: cli_args.argparse.Namespace) -> None:
     if args.kl_target is not None and (args.kl_target <= 0 or args.kl_horizon < 1):
         raise UserError(f"--kl_target must be positive and --kl_horizon at least 1, got {args.kl_target} and "
                         f"{args.kl_horizon}")
-    if (args.ptx_coef > 0) != (args.pretrain_data is not None) or args.ptx_coef < 0:
-        raise UserError(f"--ptx_coef {args.ptx_coef} and --pretrain_data {args.pretrain_data}: give both (a positive "
-                        "coefficient and the data) or neither")
+    if args.pretrain_data is not None and not args.ptx_coef > 0:
+        raise UserError(f"--ptx_coef must be positive with --pretrain_data, got {args.ptx_coef}")
     if args.enable_ema and not 0 < args.ema_beta < 1:
         raise UserError(f"--ema_beta must be in (0, 1), got {args.ema_beta}")
     lo, hi = args.reward_clip_range
@@ -158,13 +194,18 @@ def load_prompts(args: cli_args.argparse.Namespace, tokenizer: Any) -> list[dict
                                split=args.prompt_split, flag="--prompt_data")
     template = TemplateConfig(input_key=args.input_key, output_key=None, input_template=args.input_template,
                               apply_chat_template=args.apply_chat_template)
+    if args.label_key is not None:
+        check_columns(raw, {"--label_key": args.label_key}, args.prompt_data)
     kept = tokenize_prompts(raw, range(len(raw)), template, tokenizer, args.prompt_data, args.prompt_max_len)
     if not kept:
         raise UserError(f"--prompt_data {args.prompt_data}: all {len(raw)} prompts are empty or longer than "
                         f"--prompt_max_len {args.prompt_max_len} tokens")
     log.info("prompts: %d of %d kept (%d empty or longer than --prompt_max_len %d)", len(kept), len(raw),
              len(raw) - len(kept), args.prompt_max_len)
-    return [{"input_ids": prompt.ids, "index": prompt.row} for prompt in kept]
+    if args.label_key is None:
+        return [{"input_ids": prompt.ids, "index": prompt.row} for prompt in kept]
+    labels = raw[args.label_key]
+    return [{"input_ids": prompt.ids, "index": prompt.row, "label": labels[prompt.row]} for prompt in kept]
 
 
 def load_pretrain_data(args: cli_args.argparse.Namespace, tokenizer: Any) -> Any:
@@ -172,8 +213,8 @@ def load_pretrain_data(args: cli_args.argparse.Namespace, tokenizer: Any) -> Any
                                flag="--pretrain_data")
     template = TemplateConfig(input_key=args.pretrain_input_key or args.input_key, output_key=None,
                               input_template=None, apply_chat_template=False, input_flag="--pretrain_input_key")
-    data, stats = build_sft_dataset(raw, tokenizer, template, max_len=args.prompt_max_len + args.generate_max_len,
-                                    pretrain_mode=True, source=args.pretrain_data)
+    data, stats = build_sft_dataset(raw, tokenizer, template, max_len=args.max_len or args.prompt_max_len +
+                                    args.generate_max_len, pretrain_mode=True, source=args.pretrain_data)
     log.info("pretraining data: %s", stats)
     return data
 
@@ -182,13 +223,13 @@ def check_tokenizers(args: cli_args.argparse.Namespace, tokenizer: Any, reward_p
                      critic_path: str) -> list[Any]:
     """The critic reads the actor's tokens; a reward model with another tokenizer needs
     --allow_tokenizer_mismatch. Returns each reward model's own tokenizer where it differs (else None)."""
-    difference = tokenizer_difference(tokenizer, load_tokenizer(critic_path))
+    difference = tokenizer_difference(tokenizer, load_tokenizer(critic_path, use_fast=not args.disable_fast_tokenizer))
     if difference and AdvantageEstimator(args.advantage_estimator).trains_critic:
         raise UserError(f"--critic_pretrain {critic_path}: its tokenizer differs from --pretrain's ({difference}); "
                         "the critic reads the actor's tokens, so both must share one")
     reward_tokenizers = []
     for path in reward_paths:
-        reward_tok = load_tokenizer(path)
+        reward_tok = load_tokenizer(path, use_fast=not args.disable_fast_tokenizer)
         difference = tokenizer_difference(tokenizer, reward_tok)
         if difference and not args.allow_tokenizer_mismatch:
             raise UserError(f"--reward_pretrain {path}: its tokenizer differs from --pretrain's ({difference}); "
@@ -217,7 +258,7 @@ def ppo_config(args: cli_args.argparse.Namespace, sampling: SamplingConfig) -> P
                     value_clip=args.value_clip if args.value_clip > 0 else None,
                     normalize_reward=args.normalize_reward, reward_clip_range=tuple(args.reward_clip_range),
                     advantage_estimator=AdvantageEstimator(args.advantage_estimator),
-                    freezing_actor_steps=args.freezing_actor_steps, seed=args.seed)
+                    freezing_actor_steps=args.freezing_actor_steps, seed=args.seed, use_kl_loss=args.use_kl_loss)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,8 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     sampling = SamplingConfig(max_new_tokens=args.generate_max_len, temperature=args.temperature, top_p=args.top_p,
                               top_k=max(args.top_k, 0))
     sampling.check()
-    reward_paths = [x for x in args.reward_pretrain.split(",") if x]
-    critic_path = args.critic_pretrain or reward_paths[0]
+    remote = RemoteRewardConfig(parse_remote_urls(args.remote_rm_url), timeout_s=args.remote_rm_timeout,
+                                retries=args.remote_rm_retries) if args.remote_rm_url else None
+    reward_paths = [x for x in (args.reward_pretrain or "").split(",") if x]
+    critic_path = args.critic_pretrain or (reward_paths[0] if reward_paths else args.pretrain)
 
     # 1. strategy: process group and batch arithmetic
     strategy = DeepspeedStrategy(cli_args.strategy_config(args))
@@ -239,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     samples = check_batches(args, strategy.world_size)
 
     # 2. tokenizers (the critic reads the actor's tokens; reward models may differ with a flag) and prompts
-    tokenizer = load_tokenizer(args.pretrain, padding_side="left")
+    tokenizer = load_tokenizer(args.pretrain, padding_side="left", use_fast=not args.disable_fast_tokenizer)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     estimator = AdvantageEstimator(args.advantage_estimator)
     reward_tokenizers = check_tokenizers(args, tokenizer, reward_paths, critic_path)
@@ -265,8 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     actor = strategy.prepare(actor_model, cli_args.optim_config(args, args.actor_learning_rate), optimizer_steps)
     critic = None
     if estimator.trains_critic:
+        # a critic started from the policy (no reward model to start from) gets a new value head
         critic_model = load_reward_model(cli_args.model_config(args, pretrain=critic_path), args.value_head_prefix,
-                                         require_head=True)
+                                         require_head=critic_path != args.pretrain)
         critic = strategy.prepare(critic_model, cli_args.optim_config(args, args.critic_learning_rate), optimizer_steps)
     elif args.save_value_network or args.critic_pretrain:
         raise UserError(f"--advantage_estimator {args.advantage_estimator} trains no critic; drop "
@@ -275,12 +319,15 @@ def main(argv: list[str] | None = None) -> None:
     # 4. experience, resume + fit
     kl_ctl = kl_controller(args)
     ppo = ppo_config(args, sampling)
-    maker = ExperienceMaker(strategy, actor, critic, ref, RewardScorer(reward_models, strategy.device, tokenizer),
-                            ppo, kl_ctl, RunningMoments(), eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
+    # the reward hook: local reward models, or the reward servers over HTTP
+    scorer = (RemoteRewardScorer(RemoteRewardClient(remote), tokenizer, strategy.device) if remote is not None
+              else RewardScorer(reward_models, strategy.device, tokenizer))
+    maker = ExperienceMaker(strategy, actor, critic, ref, scorer, ppo, kl_ctl, RunningMoments(),
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     trainer = PPOTrainer(strategy, actor, critic, maker, prompts, ppo, cli_args.loop_config(args, "ppo"),
                          cli_args.tracker_config(args), fingerprint, frozen, tokenizer=tokenizer,
                          ckpt_meta={"pretrain": args.pretrain, "reward_pretrain": reward_paths,
+                                    "remote_rm_url": list(remote.urls) if remote is not None else None,
                                     "critic_pretrain": critic_path if critic is not None else None},
                          ptx=PtxFeed(strategy, pretrain_data, args.micro_train_batch_size, tokenizer.pad_token_id,
                                      args.seed) if pretrain_data is not None else None, ptx_coef=args.ptx_coef,

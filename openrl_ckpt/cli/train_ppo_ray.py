@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from openrl_ckpt.cli import args as cli_args
 from openrl_ckpt.cli.entry import run
 from openrl_ckpt.cli.train_ppo import (
@@ -33,6 +35,12 @@ from openrl_ckpt.data.templates import apply_tokenizer_chat_template
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.inference.generation import SamplingConfig
 from openrl_ckpt.models.actor import load_tokenizer
+from openrl_ckpt.models.remote_reward import (
+    RemoteRewardClient,
+    RemoteRewardConfig,
+    RemoteRewardScorer,
+    parse_remote_urls,
+)
 from openrl_ckpt.trainers.ppo.control import RunningMoments
 from openrl_ckpt.trainers.ppo.experience import AdvantageEstimator
 from openrl_ckpt.trainers.ppo_ray.cluster import Role, WorkerLost, check_resources, cluster_unit, connect, import_ray
@@ -123,15 +131,17 @@ def main(argv: list[str] | None = None) -> None:
                               top_k=max(args.top_k, 0))
     sampling.check()
     estimator = AdvantageEstimator(args.advantage_estimator)
-    args.reward_paths = [x for x in args.reward_pretrain.split(",") if x]
-    critic_path = args.critic_pretrain or args.reward_paths[0]
+    remote = RemoteRewardConfig(parse_remote_urls(args.remote_rm_url), timeout_s=args.remote_rm_timeout,
+                                retries=args.remote_rm_retries) if args.remote_rm_url else None
+    args.reward_paths = [x for x in (args.reward_pretrain or "").split(",") if x]
+    critic_path = args.critic_pretrain or (args.reward_paths[0] if args.reward_paths else args.pretrain)
     if not estimator.trains_critic and (args.save_value_network or args.critic_pretrain):
         raise UserError(f"--advantage_estimator {args.advantage_estimator} trains no critic; drop "
                         f"{'--save_value_network' if args.save_value_network else '--critic_pretrain'}")
     args.critic_pretrain = critic_path if estimator.trains_critic else None
 
     # 1. the plan (group sizes, colocation) and batch arithmetic, before any cluster is touched
-    topology = plan(args, estimator.trains_critic)
+    topology = plan(args, estimator.trains_critic, reward_group=remote is None)
     samples = args.rollout_batch_size * args.n_samples_per_prompt
     for role, size in topology.sizes.items():
         if samples % size:
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     # 2. tokenizer and prompts (the driver samples them)
     import_ray()
     check_resumable_kind(args)
-    tokenizer = load_tokenizer(args.pretrain, padding_side="left")
+    tokenizer = load_tokenizer(args.pretrain, padding_side="left", use_fast=not args.disable_fast_tokenizer)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     reward_tokenizers = check_tokenizers(args, tokenizer, args.reward_paths, critic_path)
     prompts = load_prompts(args, tokenizer)
@@ -166,10 +176,11 @@ def main(argv: list[str] | None = None) -> None:
                       value_head_prefix=args.value_head_prefix, ref_reward_offload=args.ref_reward_offload,
                       optimizer_steps=count_optimizer_steps(args, len(prompts), samples),
                       ema_beta=args.ema_beta if args.enable_ema else None, ptx_data=ptx_data,
-                      ptx_coef=args.ptx_coef, chat_template=args.tokenizer_chat_template)
+                      ptx_coef=args.ptx_coef, chat_template=args.tokenizer_chat_template,
+                      use_fast_tokenizer=not args.disable_fast_tokenizer)
     for attempt in range(args.max_restarts + 1):
         try:
-            run_job(ray, args, topology, unit, tokenizer, prompts, spec)
+            run_job(ray, args, topology, unit, tokenizer, prompts, spec, remote)
             return
         except WorkerLost as e:
             if attempt == args.max_restarts:
@@ -181,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_job(ray: Any, args: cli_args.argparse.Namespace, topology: Topology, unit: Any, tokenizer: Any,
-            prompts: list[dict[str, Any]], spec: WorkerSpec) -> None:
+            prompts: list[dict[str, Any]], spec: WorkerSpec, remote: RemoteRewardConfig | None) -> None:
     """Create the groups and engines, train (resuming with --load_checkpoint), export; the job's actors
     and placement groups are removed on the way out, whatever happens."""
     from ray.util.placement_group import remove_placement_group
@@ -192,7 +203,7 @@ def run_job(ray: Any, args: cli_args.argparse.Namespace, topology: Topology, uni
         roles, identities, pgs = create_groups(ray, unit, topology, spec)
         engines = create_engines(ray, unit, topology, args, pgs)
         groups = Groups(actor=roles[Role.ACTOR], critic=roles.get(Role.CRITIC), reference=roles.get(Role.REFERENCE),
-                        reward=roles[Role.REWARD], engines=engines)
+                        reward=roles.get(Role.REWARD), engines=engines)
         sync = None
         if engines:
             if args.vllm_sync_with_ray:
@@ -206,12 +217,16 @@ def run_job(ray: Any, args: cli_args.argparse.Namespace, topology: Topology, uni
         if "--pretrain (reference)" in identities:
             frozen["--pretrain (reference)"] = [identities["--pretrain (reference)"]]
         ppo = spec.ppo
+        remote_scorer = (RemoteRewardScorer(RemoteRewardClient(remote), tokenizer, torch.device("cpu"))
+                         if remote is not None else None)
         maker = RolloutMaker(ray, groups, ppo, kl_controller(args), RunningMoments(),
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             remote_scorer=remote_scorer)
         trainer = RayPPOTrainer(ray, groups, maker, sync, prompts, ppo, cli_args.loop_config(args, "ppo_ray"),
                                 cli_args.tracker_config(args), identities["fingerprint"], frozen,
                                 zero_stage=args.zero_stage, has_ptx=args.pretrain_data is not None,
                                 ckpt_meta={"pretrain": args.pretrain, "reward_pretrain": args.reward_paths,
+                                           "remote_rm_url": list(remote.urls) if remote is not None else None,
                                            "critic_pretrain": args.critic_pretrain})
         trainer.fit()
         # the export (with --enable_ema the actor's averaged weights), by the groups themselves

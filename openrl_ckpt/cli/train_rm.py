@@ -17,7 +17,7 @@ from openrl_ckpt.data.collate import pair_collate
 from openrl_ckpt.data.loading import load_datasets
 from openrl_ckpt.data.preference_dataset import build_preference_dataset
 from openrl_ckpt.data.sampler import steps_per_epoch
-from openrl_ckpt.data.templates import apply_tokenizer_chat_template, check_input_template
+from openrl_ckpt.data.templates import apply_tokenizer_chat_template
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.models.actor import load_tokenizer, model_fingerprint
 from openrl_ckpt.models.loss import pairwise_logexp_loss, pairwise_sigmoid_loss
@@ -48,12 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sigmoid: -log sigmoid(c - r - margin); logexp: log(1 + exp(r - c + margin))")
     cli_args.bool_flag(g, "--compute_fp32_loss", "compute the loss on fp32 rewards (with --bf16)")
     cli_args.bool_flag(g, "--normalize_reward", "store the eval set's reward mean and std in the saved model")
+    cli_args.bool_flag(g, "--margin_loss", "subtract each pair's 'margin' column from the reward gap in the loss")
+    p.set_defaults(max_epochs=1, learning_rate=9e-6, micro_train_batch_size=1, max_len=512)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_input_template(args.input_template)
     if args.normalize_reward and not args.eval_dataset:
         raise UserError("--normalize_reward needs --eval_dataset: the reward mean and std are computed on it")
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(strategy.rank)
 
     # 2. tokenizer and pairs (before the model: bad data fails in seconds)
-    tokenizer = load_tokenizer(args.pretrain)
+    tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     build = partial(build_preference_dataset, tokenizer=tokenizer, cfg=cli_args.preference_config(args),
                     max_len=args.max_len)
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     # 4. resume + fit
     collate = partial(pair_collate, pad_token_id=tokenizer.pad_token_id, packing=args.packing_samples)
     trainer = Trainer(
-        strategy, engine, RewardModelAlgorithm(engine, strategy.device, LOSSES[args.loss], args.compute_fp32_loss),
+        strategy, engine, RewardModelAlgorithm(engine, strategy.device, LOSSES[args.loss], args.compute_fp32_loss,
+                                               margin_loss=args.margin_loss),
         train_set, collate, cli_args.loop_config(args, "rm"), cli_args.tracker_config(args), fingerprint,
         eval_set=eval_set, eval_collate=partial(pair_collate, pad_token_id=tokenizer.pad_token_id),
         ckpt_meta={"pretrain": args.pretrain}, tokenizer=tokenizer)

@@ -13,10 +13,11 @@ from functools import partial
 from openrl_ckpt.cli import args as cli_args
 from openrl_ckpt.cli.entry import run
 from openrl_ckpt.data.collate import pack_collate, pad_collate
-from openrl_ckpt.data.loading import load_blended_dataset
+from openrl_ckpt.data.loading import load_datasets
 from openrl_ckpt.data.sampler import steps_per_epoch
 from openrl_ckpt.data.sft_dataset import build_sft_dataset
-from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template, check_input_template
+from openrl_ckpt.data.templates import TemplateConfig, apply_tokenizer_chat_template
+from openrl_ckpt.errors import UserError
 from openrl_ckpt.models.actor import load_causal_lm, load_tokenizer, model_fingerprint
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
 from openrl_ckpt.strategy.hf import save_model
@@ -30,18 +31,19 @@ log = logging.getLogger("openrl_ckpt")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli_args.Parser(prog="train_sft", description=__doc__.splitlines()[0])
     cli_args.add_model_args(p)
-    cli_args.add_data_args(p)
+    cli_args.add_data_args(p, input_template_default=cli_args.DEFAULT_INPUT_TEMPLATE)
     cli_args.add_train_args(p)
     cli_args.add_ckpt_args(p, default_ckpt="./ckpt/checkpoints_sft")
     cli_args.add_logging_args(p)
     g = p.add_argument_group("sft")
     cli_args.bool_flag(g, "--pretrain_mode", "continued pre-training: loss on every token, --output_key optional")
+    cli_args.bool_flag(g, "--multiturn", "with --apply_chat_template: train on every assistant turn of each "
+                       "conversation, not only the last")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_input_template(args.input_template)
 
     # 1. strategy: process group and batch arithmetic
     strategy = DeepspeedStrategy(cli_args.strategy_config(args))
@@ -49,22 +51,15 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(strategy.rank)
 
     # 2. tokenizer and data (before the model: bad data fails in seconds)
-    tokenizer = load_tokenizer(args.pretrain)
+    tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     template = TemplateConfig(input_key=args.input_key, output_key=args.output_key,
                               input_template=args.input_template, apply_chat_template=args.apply_chat_template)
+    if args.multiturn and args.pretrain_mode:
+        raise UserError("--multiturn trains on assistant turns; --pretrain_mode on every token: choose one")
     build = partial(build_sft_dataset, tokenizer=tokenizer, cfg=template, max_len=args.max_len,
-                    pretrain_mode=args.pretrain_mode)
-    raw = load_blended_dataset(args.dataset, args.dataset_probs, seed=args.seed, max_samples=args.max_samples,
-                               split=args.dataset_split)
-    train_set, stats = build(raw, source=args.dataset)
-    log.info("train data: %s", stats)
-    eval_set = None
-    if args.eval_dataset:
-        eval_raw = load_blended_dataset(args.eval_dataset, None, seed=args.seed, split=args.eval_split,
-                                        flag="--eval_dataset")
-        eval_set, eval_stats = build(eval_raw, source=args.eval_dataset)
-        log.info("eval data: %s", eval_stats)
+                    pretrain_mode=args.pretrain_mode, multiturn=args.multiturn)
+    train_set, eval_set = load_datasets(args, build)
 
     # 3. model
     strategy.before_model_load()

@@ -16,6 +16,18 @@ from __future__ import annotations
 import torch
 
 
+def target_mask(sample: dict, length: int) -> torch.Tensor:
+    """[length] bools: the sample's targets, from ``loss_start`` on or inside its ``loss_spans`` (--multiturn);
+    never its first token."""
+    positions = torch.arange(length)
+    if "loss_spans" not in sample:
+        return positions >= max(sample["loss_start"], 1)
+    mask = torch.zeros(length, dtype=torch.bool)
+    for start, stop in sample["loss_spans"]:
+        mask[max(start, 1):stop] = True
+    return mask
+
+
 def pad_collate(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample: input_ids, attention_mask, loss_mask [B, T] and index [B]."""
     width = max(len(s["input_ids"]) for s in samples)
@@ -26,7 +38,7 @@ def pad_collate(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
         length = len(sample["input_ids"])
         input_ids[row, :length] = torch.tensor(sample["input_ids"], dtype=torch.long)
         attention_mask[row, :length] = 1
-        loss_mask[row, max(sample["loss_start"], 1) : length] = True
+        loss_mask[row, :length] = target_mask(sample, length)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -40,9 +52,7 @@ def pack_collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     lengths = [len(s["input_ids"]) for s in samples]
     input_ids = torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.long)
     position_ids = torch.cat([torch.arange(length, dtype=torch.long) for length in lengths])
-    loss_mask = torch.cat(
-        [torch.arange(length) >= max(s["loss_start"], 1) for s, length in zip(samples, lengths)]
-    )
+    loss_mask = torch.cat([target_mask(s, length) for s, length in zip(samples, lengths)])
     return {
         "input_ids": input_ids.unsqueeze(0),
         "position_ids": position_ids.unsqueeze(0),
@@ -81,7 +91,7 @@ def sequence_batch(seqs: list[list[int]], loss_starts: list[int], pad_token_id: 
 def pair_collate(samples: list[dict], pad_token_id: int, packing: bool = False) -> dict[str, torch.Tensor]:
     """B pairs as 2B sequences, chosen ones first: sequence i and i + B share a prompt."""
     seqs = [s["chosen_ids"] for s in samples] + [s["rejected_ids"] for s in samples]
-    starts = [s["prompt_len"] for s in samples] * 2
+    starts = [s["chosen_start"] for s in samples] + [s["rejected_start"] for s in samples]
     batch = sequence_batch(seqs, starts, pad_token_id, packing)
     batch["margin"] = torch.tensor([s["margin"] for s in samples], dtype=torch.float32)
     batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)

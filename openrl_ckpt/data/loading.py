@@ -75,15 +75,46 @@ def load_dataset_from_flags(args: argparse.Namespace) -> datasets.Dataset:
 
 
 def load_datasets(args: argparse.Namespace, build: Callable[..., tuple[Any, Any]]) -> tuple[Any, Any]:
-    """The --dataset blend and the --eval_dataset (None without one), each through ``build(raw, source=...)``."""
+    """The --dataset blend and the evaluation rows, each through ``build(raw, source=...)``: --eval_dataset,
+    or without it --dataset's own --eval_split where a source has one (OpenRLHF's eval rows), else None."""
     train_set, stats = build(load_dataset_from_flags(args), source=args.dataset)
     log.info("train data: %s", stats)
-    if not args.eval_dataset:
+    if args.eval_dataset:
+        raw, source = load_blended_dataset(args.eval_dataset, None, seed=args.seed, split=args.eval_split,
+                                           flag="--eval_dataset"), args.eval_dataset
+    else:
+        raw, source = eval_split_of(args.dataset, args.eval_split, args.seed, args.max_samples), \
+            f"{args.dataset} (split {args.eval_split})"
+    if raw is None:
         return train_set, None
-    raw = load_blended_dataset(args.eval_dataset, None, seed=args.seed, split=args.eval_split, flag="--eval_dataset")
-    eval_set, stats = build(raw, source=args.eval_dataset)
+    eval_set, stats = build(raw, source=source)
     log.info("eval data: %s", stats)
     return train_set, eval_set
+
+
+def eval_split_of(datasets_arg: str, split: str, seed: int, max_samples: int | None) -> datasets.Dataset | None:
+    """The ``split`` rows of every --dataset source that has such a split (a saved dataset dict, a hub
+    dataset), blended; None when none has (files have no splits). Never training rows in disguise."""
+    parts = []
+    for source in (s.strip() for s in datasets_arg.split(",")):
+        path = os.path.expanduser(source)
+        if os.path.isfile(path) or (not os.path.isdir(path) and _looks_local(source)):
+            continue
+        if os.path.isdir(path):
+            dict_file = os.path.join(path, "dataset_dict.json")
+            if os.path.isfile(dict_file) and split in json.loads(open(dict_file, encoding="utf-8").read()).get(
+                    "splits", []):
+                parts.append(_take(_load_saved(path, split, "--dataset"), max_samples))
+            continue
+        try:
+            parts.append(_take(_load_hub(source, split, "--dataset"), max_samples))
+        except UserError:  # no such split (or no hub): no evaluation from this source
+            log.info("--dataset %s: no split '%s' to evaluate on", source, split)
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return datasets.concatenate_datasets(parts)
 
 
 def _parse_probs(probs_arg: str | None, n_sources: int, flag: str) -> list[float]:

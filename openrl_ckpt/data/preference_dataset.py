@@ -18,6 +18,7 @@ import datasets
 import numpy as np
 import torch
 
+from openrl_ckpt.data.answer_split import tokenize_with_answer_start
 from openrl_ckpt.data.templates import TemplateConfig, render_example, row_text
 from openrl_ckpt.errors import UserError
 
@@ -59,25 +60,27 @@ class _Ragged:
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """``__getitem__(i)`` -> ``{"chosen_ids", "rejected_ids", "prompt_len", "margin", "index"}``.
+    """``__getitem__(i)`` -> ``{"chosen_ids", "rejected_ids", "chosen_start", "rejected_start", "margin", "index"}``.
 
-    Both sequences start with the same ``prompt_len`` prompt tokens; the rest is the answer and EOS.
+    Both sequences render the same prompt; each one's answer (and EOS) starts at its own ``*_start``
+    token, since the token that joins prompt and answer can differ between the two answers.
     """
 
-    def __init__(self, chosen: list[list[int]], rejected: list[list[int]], prompt_lens: list[int],
+    def __init__(self, chosen: list[list[int]], rejected: list[list[int]], starts: list[tuple[int, int]],
                  margins: list[float]) -> None:
         self._chosen, self._rejected = _Ragged(chosen), _Ragged(rejected)
-        self._prompt_lens = np.asarray(prompt_lens, dtype=np.int64)
+        self._starts = np.asarray(starts, dtype=np.int64).reshape(-1, 2)
         self._margins = np.asarray(margins, dtype=np.float64)
 
     def __len__(self) -> int:
-        return len(self._prompt_lens)
+        return len(self._starts)
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} pairs")
         return {"chosen_ids": self._chosen[i], "rejected_ids": self._rejected[i],
-                "prompt_len": int(self._prompt_lens[i]), "margin": float(self._margins[i]), "index": i}
+                "chosen_start": int(self._starts[i, 0]), "rejected_start": int(self._starts[i, 1]),
+                "margin": float(self._margins[i]), "index": i}
 
 
 class LabelledDataset(torch.utils.data.Dataset):
@@ -162,11 +165,9 @@ class _Tokenizer:
         self.eos = tokenizer.eos_token_id
         self.truncated = 0
 
-    def ids(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return self.tok(texts, add_special_tokens=self.add_special, return_attention_mask=False,
-                        return_token_type_ids=False)["input_ids"]
+    def split(self, prompts: list[str], answers: list[str]) -> list[tuple[list[int], int]]:
+        """(ids of prompt + answer, first answer token) of each pair."""
+        return tokenize_with_answer_start(self.tok, prompts, answers, self.add_special)
 
     def finish(self, ids: list[int]) -> list[int]:
         """Append EOS; cut to max_len keeping EOS last."""
@@ -203,7 +204,7 @@ def build_preference_dataset(raw: datasets.Dataset, tokenizer, cfg: PreferenceCo
     tk = _Tokenizer(tokenizer, max_len, add_special_tokens=not cfg.apply_chat_template)
     chosen_out: list[list[int]] = []
     rejected_out: list[list[int]] = []
-    prompt_lens: list[int] = []
+    starts: list[tuple[int, int]] = []
     margins: list[float] = []
     too_long = identical = 0
     for chunk in _rows(raw):
@@ -214,24 +215,24 @@ def build_preference_dataset(raw: datasets.Dataset, tokenizer, cfg: PreferenceCo
                 identical += 1
                 continue
             rendered.append((prompt, chosen, rejected, margin))
-        prompts = tk.ids([r[0] for r in rendered])
-        chosen_ids = tk.ids([r[0] + r[1] for r in rendered])
-        rejected_ids = tk.ids([r[0] + r[2] for r in rendered])
-        for (_, _, _, margin), p, c, r in zip(rendered, prompts, chosen_ids, rejected_ids):
-            if not tk.fits(len(p)):
+        prompts = [r[0] for r in rendered]
+        chosen = tk.split(prompts, [r[1] for r in rendered])
+        rejected = tk.split(prompts, [r[2] for r in rendered])
+        for (_, _, _, margin), (c, c_start), (r, r_start) in zip(rendered, chosen, rejected):
+            if not tk.fits(max(c_start, r_start)):
                 too_long += 1
                 continue
             chosen_out.append(tk.finish(c))
             rejected_out.append(tk.finish(r))
-            prompt_lens.append(len(p))
+            starts.append((c_start, r_start))
             margins.append(margin)
-    stats = PreferenceStats(total=len(raw), kept=len(prompt_lens), dropped_prompt_too_long=too_long,
+    stats = PreferenceStats(total=len(raw), kept=len(starts), dropped_prompt_too_long=too_long,
                             dropped_identical=identical, truncated=tk.truncated)
     _warn_identical(identical, source)
     if stats.kept == 0:
         raise UserError(f"{source}: all {stats.total} pairs were dropped: {too_long} prompts too long for --max_len "
                         f"{max_len}, {identical} with chosen identical to rejected")
-    return PreferenceDataset(chosen_out, rejected_out, prompt_lens, margins), stats
+    return PreferenceDataset(chosen_out, rejected_out, starts, margins), stats
 
 
 @dataclass(frozen=True)
@@ -239,15 +240,27 @@ class LabelledConfig:
     """Unpaired KTO data: ``--input_key --output_key --label_key`` (+ template flags)."""
 
     input_key: str
-    output_key: str
+    output_key: str | None
     label_key: str
     input_template: str | None
     apply_chat_template: bool
 
 
+def build_kto_rows(raw: datasets.Dataset, tokenizer, pairs: PreferenceConfig, rows: LabelledConfig, *,
+                   unpaired: bool, max_len: int, source: str) -> tuple[LabelledDataset, PreferenceStats]:
+    """KTO's rows: unpaired (``rows``) when asked for or when the data has no ``--chosen_key`` column, else
+    each pair split into a desirable and an undesirable row."""
+    if unpaired or pairs.chosen_key not in raw.column_names:
+        return build_labelled_dataset(raw, tokenizer, rows, max_len=max_len, source=source)
+    return split_pairs(raw, tokenizer, pairs, max_len=max_len, source=source)
+
+
 def build_labelled_dataset(raw: datasets.Dataset, tokenizer, cfg: LabelledConfig, *, max_len: int,
                            source: str) -> tuple[LabelledDataset, PreferenceStats]:
     """Unpaired KTO rows (prompt, answer, desirable?)."""
+    if cfg.output_key is None:
+        raise UserError(f"{source}: unpaired KTO rows need --output_key (the answer) and --label_key; columns: "
+                        f"{', '.join(raw.column_names)}")
     check_columns(raw, {"--input_key": cfg.input_key, "--output_key": cfg.output_key,
                         "--label_key": cfg.label_key}, source)
     tc = TemplateConfig(input_key=cfg.input_key, output_key=cfg.output_key, input_template=cfg.input_template,
@@ -287,15 +300,14 @@ def _labelled(rows: list[tuple[str, str, bool]], tokenizer, max_len: int, chat: 
     too_long = 0
     for start in range(0, len(rows), _CHUNK_ROWS):
         chunk = rows[start : start + _CHUNK_ROWS]
-        prompts = tk.ids([r[0] for r in chunk])
-        fulls = tk.ids([r[0] + r[1] for r in chunk])
-        for (_, _, label), p, full in zip(chunk, prompts, fulls):
-            if not tk.fits(len(p)):
+        split = tk.split([r[0] for r in chunk], [r[1] for r in chunk])
+        for (_, _, label), (full, start) in zip(chunk, split):
+            if not tk.fits(start):
                 too_long += 1
                 continue
             full = tk.finish(full)
-            prompts_out.append(full[: len(p)])
-            answers_out.append(full[len(p) :])
+            prompts_out.append(full[:start])
+            answers_out.append(full[start:])
             labels.append(label)
     stats = PreferenceStats(total=len(rows), kept=len(labels), dropped_prompt_too_long=too_long,
                             dropped_identical=identical, truncated=tk.truncated)

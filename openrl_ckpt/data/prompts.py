@@ -21,10 +21,11 @@ class TokenizedPrompt:
 
 
 def tokenize_prompts(raw: datasets.Dataset, rows: Sequence[int], template: TemplateConfig, tokenizer: Any,
-                     source: str, max_tokens: int) -> list[TokenizedPrompt]:
-    """The prompts of ``rows`` with 1 to ``max_tokens`` tokens, in row order. A chat-rendered prompt is
-    tokenized without special tokens: the chat template already wrote them."""
-    texts = [render_prompt(raw[i], template, tokenizer, where=f"{source} row {i + 1}") for i in rows]
+                     source: str, max_tokens: int, suffix: str = "") -> list[TokenizedPrompt]:
+    """The prompts of ``rows`` with 1 to ``max_tokens`` tokens, in row order, each ending in ``suffix``
+    (conditional SFT's score prompt). A chat-rendered prompt is tokenized without special tokens: the
+    chat template already wrote them."""
+    texts = [render_prompt(raw[i], template, tokenizer, where=f"{source} row {i + 1}") + suffix for i in rows]
     ids = tokenizer(texts, add_special_tokens=not template.apply_chat_template,
                     return_attention_mask=False)["input_ids"]
     return [TokenizedPrompt(row=row, text=text, ids=x) for row, text, x in zip(rows, texts, ids)

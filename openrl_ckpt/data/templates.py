@@ -103,6 +103,30 @@ def render_example(row: Mapping, cfg: TemplateConfig, tokenizer, *, where: str) 
     return prompt, full[len(prompt) :]
 
 
+def render_conversation(row: Mapping, cfg: TemplateConfig, tokenizer, *,
+                        where: str) -> tuple[str, list[tuple[int, int]]]:
+    """--multiturn: the whole conversation (``--output_key``'s answer appended when given) rendered with the
+    chat template, and the character span of every assistant turn (each one a response to train on)."""
+    if not cfg.apply_chat_template:
+        raise UserError("--multiturn trains on every assistant turn of a conversation: it needs --apply_chat_template")
+    _require_chat_template(tokenizer)
+    messages = _messages(row, cfg.input_key, cfg.input_flag, "user", where)
+    if cfg.output_key is not None:
+        messages += _messages(row, cfg.output_key, cfg.output_flag, "assistant", where)
+    full = _chat(tokenizer, messages, False, where)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _chat(tokenizer, messages[:i], True, where) if i else ""
+        through = _chat(tokenizer, messages[: i + 1], False, where)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise UserError(f"{where}: the chat template renders turn {i} differently once later turns follow, "
+                            "so its response cannot be located")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
 def render_prompt(row: Mapping, cfg: TemplateConfig, tokenizer, *, where: str) -> str:
     """Return the prompt text alone (PPO, generation): a conversation gets the generation prompt."""
     if not cfg.apply_chat_template:

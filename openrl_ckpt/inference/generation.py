@@ -38,8 +38,11 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
     greedy: bool = False
+    repetition_penalty: float = 1.0  # 1: off; above 1 makes repeating a token less likely
 
     def check(self) -> None:
+        if not self.repetition_penalty > 0:
+            raise UserError(f"--repetition_penalty must be positive (1.0: off), got {self.repetition_penalty}")
         if self.max_new_tokens < 1:
             raise UserError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not self.greedy and not self.temperature > 0:
@@ -102,7 +105,7 @@ def generate(model_or_engine: Any, input_ids: torch.Tensor, attention_mask: torc
     kwargs: dict[str, Any] = dict(
         max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy, num_beams=1, use_cache=True,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, synced_gpus=synced,
-        return_dict_in_generate=False)
+        return_dict_in_generate=False, repetition_penalty=sampling.repetition_penalty)
     if not sampling.greedy:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     was_training = model.training

@@ -41,7 +41,8 @@ from openrl_ckpt.inference.postprocess import (
     rejection_sampling,
 )
 from openrl_ckpt.models.actor import ModelConfig, load_causal_lm, load_tokenizer
-from openrl_ckpt.models.reward import load_reward_model
+from openrl_ckpt.models.remote_reward import RemoteRewardClient, RemoteRewardConfig, parse_remote_urls
+from openrl_ckpt.models.reward import load_reward_model, reward_token_ids, use_stored_normalization
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
 
 log = logging.getLogger("openrl_ckpt")
@@ -49,7 +50,7 @@ log = logging.getLogger("openrl_ckpt")
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, greedy=args.greedy_sampling)
+                          top_k=args.top_k, greedy=args.greedy_sampling, repetition_penalty=args.repetition_penalty)
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -134,7 +135,8 @@ def load_prompts(args: argparse.Namespace, tokenizer: Any) -> Prompts:
     template = TemplateConfig(input_key=args.input_key, output_key=None, input_template=args.input_template,
                               apply_chat_template=args.apply_chat_template)
     limit = min(args.prompt_max_len, args.max_len - 1)
-    kept = tokenize_prompts(raw, rows, template, tokenizer, args.dataset, limit)
+    kept = tokenize_prompts(raw, rows, template, tokenizer, args.dataset, limit,
+                            suffix=args.csft_prompt.strip() + " " if args.enable_csft else "")
     if len(kept) < len(rows):
         log.warning("%d of %d prompts are empty or longer than %d tokens (--prompt_max_len %d, --max_len %d) and "
                     "are skipped", len(rows) - len(kept), len(rows), limit, args.prompt_max_len, args.max_len)
@@ -153,7 +155,7 @@ def load_prompts(args: argparse.Namespace, tokenizer: Any) -> Prompts:
 
 def run_generate(args: argparse.Namespace, strategy: DeepspeedStrategy) -> None:
     best_of_n = args.best_of_n or 1
-    tokenizer = load_tokenizer(args.pretrain, padding_side="left")
+    tokenizer = load_tokenizer(args.pretrain, padding_side="left", use_fast=not args.disable_fast_tokenizer)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     prompts = load_prompts(args, tokenizer)  # bad data fails here, before the process group
     strategy.setup_distributed()
@@ -210,7 +212,7 @@ def run_generate_vllm(args: argparse.Namespace) -> None:
         raise UserError("--eval_task generate_vllm runs in one process (vLLM spreads the model over --tp_size GPUs "
                         "itself): launch it with python -m, not with several ranks")
     best_of_n = args.best_of_n or 1
-    tokenizer = load_tokenizer(args.pretrain, padding_side="left")
+    tokenizer = load_tokenizer(args.pretrain, padding_side="left", use_fast=not args.disable_fast_tokenizer)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     prompts = load_prompts(args, tokenizer)
     check_output_path(args.output_path)
@@ -236,6 +238,14 @@ def run_generate_vllm(args: argparse.Namespace) -> None:
 def load_scoring_rows(args: argparse.Namespace, tokenizer: Any) -> tuple[list[tuple[str, str]], list[list[int]]]:
     """(input, output) text of every row and its token ids: input + output + EOS, cut to --max_len with
     EOS kept last (as train_rm tokenizes, since the head reads the last token)."""
+    pairs = load_scoring_texts(args)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"--pretrain {args.pretrain}: the tokenizer has no eos_token; reward models read the EOS")
+    return pairs, reward_token_ids(tokenizer, [i + o for i, o in pairs], args.max_len)
+
+
+def load_scoring_texts(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(input, output) text of every row."""
     raw = load_dataset_from_flags(args)
     check_columns(raw, {"--input_key": args.input_key, "--output_key": args.output_key}, args.dataset)
     pairs = []
@@ -243,20 +253,29 @@ def load_scoring_rows(args: argparse.Namespace, tokenizer: Any) -> tuple[list[tu
         row, where = {args.input_key: i, args.output_key: o}, f"{args.dataset} row {n}"
         pairs.append((row_text(row, args.input_key, "--input_key", where),
                       row_text(row, args.output_key, "--output_key", where)))
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"--pretrain {args.pretrain}: the tokenizer has no eos_token; reward models read the EOS")
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-    ids = []
-    for x in tokenizer([i + o for i, o in pairs], return_attention_mask=False)["input_ids"]:
-        if bos is not None and len(x) > 1 and x[0] == x[1] == bos:
-            x = x[1:]  # a chat-rendered input already starts with BOS, and the tokenizer added one
-        x = [*x, eos] if not x or x[-1] != eos else x
-        ids.append(x if len(x) <= args.max_len else [*x[: args.max_len - 1], eos])
-    return pairs, ids
+    return pairs
+
+
+def run_rm_remote(args: argparse.Namespace) -> None:
+    """--eval_task rm --remote_rm_url: the rows' rewards from the reward servers (one process, no model)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--eval_task rm --remote_rm_url runs in one process (the servers do the work): launch it "
+                        "with python -m, not with several ranks")
+    client = RemoteRewardClient(RemoteRewardConfig(parse_remote_urls(args.remote_rm_url),
+                                                   timeout_s=args.remote_rm_timeout, retries=args.remote_rm_retries,
+                                                   batch_size=args.micro_batch_size))
+    check_output_path(args.output_path)
+    pairs = load_scoring_texts(args)
+    started = time.perf_counter()
+    scores = client.rewards([i + o for i, o in pairs])
+    log.info("rm: %d rows scored by %s in %.1fs", len(pairs), args.remote_rm_url, time.perf_counter() - started)
+    rows = post_process(args, [{"input": i, "output": o, "reward": r} for (i, o), r in zip(pairs, scores)])
+    write_jsonl_atomic(args.output_path, rows)
+    log.info("wrote %d rows to %s", len(rows), args.output_path)
 
 
 def run_rm(args: argparse.Namespace, strategy: DeepspeedStrategy) -> None:
-    tokenizer = load_tokenizer(args.pretrain)
+    tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
     pairs, ids = load_scoring_rows(args, tokenizer)
     if args.post_processor is PostProcessor.ITER_DPO and len({i for i, _ in pairs}) == len(pairs):
@@ -267,11 +286,7 @@ def run_rm(args: argparse.Namespace, strategy: DeepspeedStrategy) -> None:
 
     strategy.before_model_load()
     model = load_reward_model(model_config(args), args.value_head_prefix, require_head=True)
-    stored = bool(getattr(model.config, "normalize_reward", False))
-    if args.normalize_reward and not stored:
-        raise UserError(f"--normalize_reward: {args.pretrain} stores no reward mean/std (train_rm --normalize_reward "
-                        "stores them); drop the flag to write raw rewards")
-    model.config.normalize_reward = args.normalize_reward  # raw rewards unless asked for
+    use_stored_normalization(model, args.normalize_reward, args.pretrain)
     scorer = strategy.prepare_frozen(model)
 
     work = rank_work(len(ids), args, strategy)

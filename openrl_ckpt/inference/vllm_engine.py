@@ -33,4 +33,5 @@ def sampling_params(params_class: Any, sampling: SamplingConfig, max_tokens: int
     return params_class(n=1, max_tokens=max_tokens, seed=seed, skip_special_tokens=True,
                         temperature=0.0 if sampling.greedy else sampling.temperature,
                         top_p=1.0 if sampling.greedy else sampling.top_p,
-                        top_k=-1 if sampling.greedy or sampling.top_k == 0 else sampling.top_k)
+                        top_k=-1 if sampling.greedy or sampling.top_k == 0 else sampling.top_k,
+                        repetition_penalty=sampling.repetition_penalty)

@@ -20,12 +20,18 @@ class ModelConfig:
     flash_attn: bool = False
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    gradient_checkpointing_use_reentrant: bool = False
     lora_rank: int = 0
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: str = "all-linear"
     load_in_4bit: bool = False
     aux_loss_coef: float = 0.0
+
+
+def checkpointing_kwargs(cfg: ModelConfig) -> dict[str, bool]:
+    """Activation checkpointing's arguments (--gradient_checkpointing_use_reentrant)."""
+    return {"use_reentrant": cfg.gradient_checkpointing_use_reentrant}
 
 
 def check_pretrain(pretrain: str) -> None:
@@ -50,12 +56,13 @@ def attn_implementation(cfg: ModelConfig) -> str:
     return "flash_attention_2"
 
 
-def load_tokenizer(pretrain: str, padding_side: str = "right") -> Any:
+def load_tokenizer(pretrain: str, padding_side: str = "right", use_fast: bool = True) -> Any:
+    """The tokenizer of ``pretrain`` (``use_fast=False``: --disable_fast_tokenizer), with a pad token."""
     from transformers import AutoTokenizer
 
     check_pretrain(pretrain)
     try:
-        tok = AutoTokenizer.from_pretrained(pretrain, padding_side=padding_side)
+        tok = AutoTokenizer.from_pretrained(pretrain, padding_side=padding_side, use_fast=use_fast)
     except (OSError, ValueError) as e:
         raise UserError(f"--pretrain {pretrain}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
     if tok.pad_token_id is None:
@@ -82,9 +89,9 @@ def load_causal_lm(cfg: ModelConfig) -> torch.nn.Module:
 
         # freezes the 4-bit base, keeps norms in fp32 and enables input gradients (and checkpointing)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+                                                gradient_checkpointing_kwargs=checkpointing_kwargs(cfg))
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(cfg))
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg)
     return model

@@ -35,6 +35,15 @@ def quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
+def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` less the weights the model ties to another one (a tied ``lm_head.weight``), as
+    ``save_pretrained`` writes a model of its own. Gathered or cloned weights no longer share memory, so
+    ``save_pretrained`` cannot see the tie and would write the embedding twice."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    drop = {alias for alias, source in tied.items() if alias in state_dict and source in state_dict}
+    return {k: v for k, v in state_dict.items() if k not in drop} if drop else state_dict
+
+
 def is_weight_file(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES)
 
@@ -133,7 +142,7 @@ def write_full_model(state_dict: dict[str, torch.Tensor], hf_dir: Path, out: Pat
         model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(
             config, dtype=dtype)
     try:
-        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(out, state_dict=without_tied_copies(model, state_dict), safe_serialization=True)
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"cannot write the model from these weights ({str(e).splitlines()[0][:200]})") from None
     # the config is kept as recorded unless --dtype changed it (then save_pretrained's carries the new dtype)

@@ -112,6 +112,30 @@ def kd_reverse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 # ---- PPO: per-token tensors [B, T] over response tokens, ``mask`` 1 for real response tokens
 
+def process_reward_loss(logits: torch.Tensor, targets: torch.Tensor, reward_token_ids: list[int] | None,
+                        probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step placeholder: cross-entropy of the model's prediction at the placeholder, and whether its
+    best class is the label's; both [N] over the N positions where ``targets`` is not -100.
+
+    The classes are the reward tokens' logits (``reward_token_ids``), or the whole vocabulary (None).
+    Hard labels: ``targets`` holds the class. Soft labels (``probs``, two reward tokens): the target
+    distribution is (p, 1 - p) and the label's class is 0 when p >= 1/2.
+    """
+    at = targets != -100
+    scores = logits[at].float()
+    if reward_token_ids is not None:
+        scores = scores[:, reward_token_ids]
+    logp = F.log_softmax(scores, dim=-1)
+    if probs is None:
+        labels = targets[at]
+        losses = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    else:
+        p = probs[at].float()
+        losses = -(p * logp[:, 0] + (1 - p) * logp[:, 1])
+        labels = (p < 0.5).long()
+    return losses, scores.argmax(-1) == labels
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over the positions where ``mask`` is set (all rows together)."""
     mask = mask.to(values.dtype)
@@ -136,6 +160,11 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimat
     if estimator is KLEstimator.K2:
         return 0.5 * x * x
     return torch.expm1(-x) + x
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
+    """--use_kl_loss: the mean per-token KL estimate over the answer tokens, a term of the actor's loss."""
+    return masked_mean(kl_estimate(logp, ref_logp, estimator), mask)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,

@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from openrl_ckpt.errors import UserError
-from openrl_ckpt.models.actor import ModelConfig, apply_lora, attn_implementation, check_pretrain
+from openrl_ckpt.models.actor import (
+    ModelConfig,
+    apply_lora,
+    attn_implementation,
+    check_pretrain,
+    checkpointing_kwargs,
+)
 
 _classes: dict[tuple[type, str], type] = {}
 
@@ -136,10 +142,31 @@ def load_reward_model(cfg: ModelConfig, head_prefix: str = "score", *, require_h
         raise UserError(f"--pretrain {cfg.pretrain}: cannot load a reward model ({str(e).splitlines()[0]})") from None
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(cfg))
     if cfg.lora_rank > 0:  # adapters on the backbone, the head trained in full
         model = apply_lora(model, cfg, causal_lm=False, modules_to_save=[head_prefix])
     return model
+
+
+def reward_token_ids(tokenizer: Any, texts: list[str], max_len: int) -> list[list[int]]:
+    """Each text as a reward model reads it: tokens + EOS, cut to ``max_len`` with EOS kept last (as train_rm
+    tokenizes, since the head reads the last token); a text already starting with BOS gets no second one."""
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    ids = []
+    for x in tokenizer(texts, return_attention_mask=False)["input_ids"]:
+        if bos is not None and len(x) > 1 and x[0] == x[1] == bos:
+            x = x[1:]
+        x = [*x, eos] if not x or x[-1] != eos else x
+        ids.append(x if len(x) <= max_len else [*x[: max_len - 1], eos])
+    return ids
+
+
+def use_stored_normalization(model: torch.nn.Module, normalize: bool, pretrain: str) -> None:
+    """--normalize_reward when scoring: the mean/std train_rm stored, or raw rewards without the flag."""
+    if normalize and not getattr(model.config, "normalize_reward", False):
+        raise UserError(f"--normalize_reward: {pretrain} stores no reward mean/std (train_rm --normalize_reward "
+                        "stores them); drop the flag to get raw rewards")
+    model.config.normalize_reward = normalize
 
 
 def set_reward_normalization(model: torch.nn.Module, mean: float, std: float) -> None:

@@ -43,6 +43,10 @@ class StrategyConfig:
     max_norm: float = 1.0
     adam_offload: bool = False
     grad_accum_dtype: str = "fp32"  # with bf16: what gradients are accumulated and reduced in
+    zpg: int = 1  # ZeRO++ hierarchical partition size; 1: off
+    overlap_comm: bool = False
+    full_determinism: bool = False
+    torch_compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,10 @@ class DeepspeedStrategy:
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         seed_everything(self.cfg.seed)
+        if self.cfg.full_determinism:
+            import transformers
+
+            transformers.enable_full_determinism(self.cfg.seed)
         self.grad_accum = self.accumulation_steps(self.world_size)
         _unlink_shm_workspace(self.rank)
 
@@ -155,6 +163,10 @@ class DeepspeedStrategy:
         zero: dict[str, Any] = {"stage": c.zero_stage, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8,
                                 "stage3_param_persistence_threshold": 1e4, "stage3_prefetch_bucket_size": 5e7,
                                 "stage3_gather_16bit_weights_on_model_save": True}
+        if c.zpg > 1:
+            zero["zero_hpz_partition_size"] = c.zpg
+        if c.overlap_comm:
+            zero.update(overlap_comm=True, contiguous_gradients=True)
         if c.adam_offload and train:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         config: dict[str, Any] = {
@@ -211,6 +223,8 @@ class DeepspeedStrategy:
             # one rank has nothing to reduce, and DeepSpeed's fallback all-reduce would flatten a copy
             # of every gradient (the whole model's worth of memory) at each step
             engine.enable_backward_allreduce = False
+        if self.cfg.torch_compile:
+            engine.compile()
         return engine
 
     def prepare_frozen(self, model: torch.nn.Module, offload: bool = False) -> FrozenModel:

@@ -35,6 +35,7 @@ from openrl_ckpt.checkpoint.contents import StagedWrite
 from openrl_ckpt.checkpoint.files import STEP_DIR
 from openrl_ckpt.checkpoint.inspect import HF_DIR
 from openrl_ckpt.errors import UserError
+from openrl_ckpt.models.export import without_tied_copies
 from openrl_ckpt.utils.atomic import atomic_folder
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ def write_hf(engine_or_model: Any, tokenizer: Any, folder: Path, state_dict: dic
         state_dict = {k: torch.empty(0) for k, p in model.named_parameters() if p.requires_grad} if is_peft(
             model) else {}
     try:
-        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(folder, state_dict=without_tied_copies(model, state_dict), safe_serialization=True)
     except (RuntimeError, ValueError) as e:  # how safetensors reports a failed write
         raise OSError(errno.EIO, str(e).strip().splitlines()[0][:200], str(folder)) from e
     if not weights:

@@ -16,11 +16,17 @@ PairLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  #
 class RewardModelAlgorithm:
     name = "rm"
 
-    def __init__(self, engine: Any, device: torch.device, loss: PairLoss, compute_fp32_loss: bool = False) -> None:
+    def __init__(self, engine: Any, device: torch.device, loss: PairLoss, compute_fp32_loss: bool = False,
+                 margin_loss: bool = False) -> None:
         self.engine = engine
         self.device = device
         self.loss = loss
         self.fp32 = compute_fp32_loss
+        self.margin_loss = margin_loss  # --margin_loss: the rows' "margin" enters the loss; otherwise 0
+
+    def _margin(self, batch: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+        margin = batch["margin"].to(self.device, like.dtype)
+        return margin if self.margin_loss else torch.zeros_like(margin)
 
     def _rewards(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         rewards = self.engine(**model_inputs(batch, self.device), last_index=batch["last"].to(self.device))
@@ -31,7 +37,7 @@ class RewardModelAlgorithm:
 
     def train_step(self, batch: dict[str, Any]) -> StepOutput:
         chosen, rejected = self._rewards(batch)
-        loss = self.loss(chosen, rejected, batch["margin"].to(self.device, chosen.dtype)).mean()
+        loss = self.loss(chosen, rejected, self._margin(batch, chosen)).mean()
         metrics = {"loss": loss.item(), "acc": (chosen > rejected).float().mean().item(),
                    "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item()}
         return StepOutput(loss=loss, metrics=metrics, tokens=batch_tokens(batch))
@@ -40,7 +46,7 @@ class RewardModelAlgorithm:
         chosen, rejected = self._rewards(batch)
         real = real_rows(batch, self.device)
         n = float(real.sum())
-        loss = self.loss(chosen, rejected, batch["margin"].to(self.device, chosen.dtype)).float()
+        loss = self.loss(chosen, rejected, self._margin(batch, chosen)).float()
         both = torch.cat([chosen, rejected]).float()
         real2 = torch.cat([real, real])
         return {"eval_loss": (float((loss * real).sum()), n),

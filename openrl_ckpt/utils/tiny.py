@@ -148,8 +148,10 @@ def build_tiny_model(
     intermediate_size: int = 128,
     attention_dropout: float = 0.0,
     seed: int = 0,
+    tie_word_embeddings: bool = False,
 ) -> str:
-    """Randomly initialised LlamaForCausalLM sized to the tokenizer, saved with it.
+    """Randomly initialised LlamaForCausalLM sized to the tokenizer, saved with it (``tie_word_embeddings``:
+    the output layer is the input embedding, as in SmolLM2 or Qwen2.5's small models).
 
     Returns `out_dir`, which then loads with both AutoModelForCausalLM and
     AutoTokenizer. Same arguments -> byte-identical model.safetensors.
@@ -169,7 +171,7 @@ def build_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return _save_model(out_dir, config, tokenizer, seed)
 

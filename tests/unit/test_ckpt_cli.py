@@ -396,3 +396,30 @@ def test_qlora_errors_are_one_line(tiny_model_dir):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="needs bitsandbytes CUDA kernels and this machine has no GPU"):
             load_causal_lm(ModelConfig(pretrain=tiny_model_dir, load_in_4bit=True, lora_rank=4))
+
+
+def test_tied_embeddings_are_written_once_as_save_pretrained_does(tiny_tokenizer_dir, tmp_path):
+    """--save_path (write_hf on gathered weights) and ckpt export (write_full_model) write a tied model's
+    keys as its own save_pretrained does: the embedding once, no lm_head.weight copy."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openrl_ckpt.models.export import write_full_model
+    from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, StrategyConfig
+    from openrl_ckpt.strategy.hf import full_state_dict, write_hf
+    from openrl_ckpt.utils.tiny import build_tiny_model
+
+    tied = build_tiny_model(str(tmp_path / "tied"), tiny_tokenizer_dir, tie_word_embeddings=True)
+    model, tok = AutoModelForCausalLM.from_pretrained(tied), AutoTokenizer.from_pretrained(tied)
+    reference = load_file(str(tmp_path / "tied" / "model.safetensors"))
+    assert "lm_head.weight" not in reference and "model.embed_tokens.weight" in reference
+    gathered = full_state_dict(DeepspeedStrategy(StrategyConfig(zero_stage=2)), model)
+    assert "lm_head.weight" in gathered  # cloned: the copies no longer share memory
+    write_hf(model, tok, tmp_path / "save_path", gathered)
+    write_full_model(dict(gathered), tmp_path / "save_path", tmp_path / "export", torch.float32, torch.float32)
+    for folder in ("save_path", "export"):
+        written = load_file(str(tmp_path / folder / "model.safetensors"))
+        assert sorted(written) == sorted(reference), folder
+        assert all(torch.equal(written[k], reference[k]) for k in reference), folder
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()

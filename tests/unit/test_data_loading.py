@@ -198,3 +198,16 @@ def test_blend_with_conflicting_column_types_names_both(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [{"q": 1}])
     with pytest.raises(UserError, match=r"column 'q' is string in .*a.jsonl but int64 in .*b.jsonl"):
         load(f"{a},{b}")
+
+
+def test_eval_rows_come_from_the_datasets_own_eval_split(tmp_path):
+    from openrl_ckpt.data.loading import eval_split_of
+
+    saved = tmp_path / "dict"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"q": "a"}, {"q": "b"}]),
+                          "test": datasets.Dataset.from_list([{"q": "held out"}])}).save_to_disk(str(saved))
+    (tmp_path / "rows.jsonl").write_text('{"q": "x"}\n')
+    assert eval_split_of(str(saved), "test", seed=1, max_samples=None)["q"] == ["held out"]
+    assert eval_split_of(f"{saved},{tmp_path / 'rows.jsonl'}", "test", seed=1, max_samples=None)["q"] == ["held out"]
+    assert eval_split_of(str(saved), "validation", seed=1, max_samples=None) is None  # no such split: no eval
+    assert eval_split_of(str(tmp_path / "rows.jsonl"), "test", seed=1, max_samples=None) is None  # files: none

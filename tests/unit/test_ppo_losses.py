@@ -8,11 +8,21 @@ import math
 import pytest
 import torch
 
-from openrl_ckpt.models.loss import discounted_returns, gae, kl_estimate, masked_mean, ppo_policy_loss, ppo_value_loss
+from openrl_ckpt.models.loss import (
+    KLEstimator,
+    discounted_returns,
+    gae,
+    kl_estimate,
+    kl_loss,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from openrl_ckpt.trainers.ppo.control import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    group_mean_baseline,
     group_norm,
     rloo_baseline,
 )
@@ -109,6 +119,16 @@ def test_rloo_and_group_norm_by_hand() -> None:
     close(rloo_baseline(torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0]), 3), [-1.5, 0.0, 1.5, -15.0, 0.0, 15.0])
     s = 1 / math.sqrt(2)  # [1, 3]: mean 2, unbiased std sqrt(2)
     close(group_norm(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2), [-s, s, 0.0, 0.0])
+    # reinforce_baseline: minus the mean of all the prompt's samples (2 and 20)
+    close(group_mean_baseline(torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0]), 3), [-1.0, 0.0, 1.0, -10.0, 0.0, 10.0])
+
+
+def test_kl_loss_by_hand() -> None:
+    # x = logp - ref = [0.5, -1.0 | 2.0 (masked)]; k2 = x^2 / 2 = [0.125, 0.5]: mean over the 2 answer tokens
+    logp, ref = torch.tensor([[0.0, -1.0, 2.0]]), torch.tensor([[-0.5, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False]])
+    assert kl_loss(logp, ref, mask, KLEstimator.K2).item() == pytest.approx((0.125 + 0.5) / 2)
+    assert kl_loss(logp, ref, mask, KLEstimator.K1).item() == pytest.approx((0.5 - 1.0) / 2)
 
 
 def test_ema_by_hand(tmp_path) -> None:

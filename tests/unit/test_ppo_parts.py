@@ -67,7 +67,12 @@ FLAG_ERRORS = [
     (["--enable_ema", "--zero_stage", "3"], "--enable_ema with --zero_stage 3: not supported by train_ppo yet"),
     (["--lora_rank", "8"], "--lora_rank: not supported by train_ppo yet"),
     (["--advantage_estimator", "rloo"], "--advantage_estimator rloo compares the samples of each prompt"),
-    (["--ptx_coef", "0.1"], "--ptx_coef 0.1 and --pretrain_data None: give both"),
+    (["--ptx_coef", "0", "--pretrain_data", "d"], "--ptx_coef must be positive with --pretrain_data, got 0.0"),
+    (["--advantage_estimator", "reinforce_baseline"], "reinforce_baseline compares the samples of each prompt"),
+    (["--remote_rm_url", "http://127.0.0.1:1/get_reward"], "give the reward as --reward_pretrain .* or "
+     "--remote_rm_url .*, one of the two"),
+    (["--label_key", "answer"], "--label_key sends a column to the reward server: it needs --remote_rm_url"),
+    (["--use_kl_loss", "--init_kl_coef", "0"], "--use_kl_loss needs a reference model"),
     (["--reward_clip_range", "1", "-1"], "--reward_clip_range needs low < high"),
     (["--generate_max_len", "0"], "--generate_max_len must be at least 1, got 0"),
 ]

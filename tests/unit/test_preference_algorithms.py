@@ -19,8 +19,10 @@ from openrl_ckpt.trainers.kto import KTOAlgorithm
 from openrl_ckpt.trainers.rm import RewardModelAlgorithm
 
 CPU = torch.device("cpu")
-PAIRS = [{"chosen_ids": [5, 6, 7, 2], "rejected_ids": [5, 6, 9, 10, 2], "prompt_len": 2, "margin": 0.0, "index": 0},
-         {"chosen_ids": [8, 11, 2], "rejected_ids": [8, 12, 2], "prompt_len": 1, "margin": 0.5, "index": 1}]
+PAIRS = [{"chosen_ids": [5, 6, 7, 2], "rejected_ids": [5, 6, 9, 10, 2], "chosen_start": 2, "rejected_start": 2,
+          "margin": 0.0, "index": 0},
+         {"chosen_ids": [8, 11, 2], "rejected_ids": [8, 12, 2], "chosen_start": 1, "rejected_start": 1,
+          "margin": 0.5, "index": 1}]
 ROWS = [{"prompt_ids": [5, 6], "answer_ids": [7, 2], "label": True, "index": 0},
         {"prompt_ids": [8], "answer_ids": [12, 13, 2], "label": False, "index": 1}]
 
@@ -99,11 +101,15 @@ def test_rm_step_is_the_pairwise_loss_of_its_rewards():
 
     def engine(**kw):  # chosen [2, -1], rejected [0.5, 0]
         return rewards
-    algo = RewardModelAlgorithm(engine, CPU, pairwise_sigmoid_loss)
+    algo = RewardModelAlgorithm(engine, CPU, pairwise_sigmoid_loss, margin_loss=True)
     out = algo.train_step(pair_collate(PAIRS, pad_token_id=0))
     expected = (-math.log(1 / (1 + math.exp(-1.5))) - math.log(1 / (1 + math.exp(-(-1.0 - 0.0 - 0.5))))) / 2
     assert abs(out.loss.item() - expected) < 1e-6
     assert out.metrics["acc"] == 0.5
+    # without --margin_loss the second pair's margin 0.5 is not subtracted
+    plain = RewardModelAlgorithm(engine, CPU, pairwise_sigmoid_loss).train_step(pair_collate(PAIRS, pad_token_id=0))
+    expected = (-math.log(1 / (1 + math.exp(-1.5))) - math.log(1 / (1 + math.exp(-(-1.0 - 0.0))))) / 2
+    assert abs(plain.loss.item() - expected) < 1e-6
 
 
 def test_packed_and_padded_batches_give_the_same_sequence_logps_and_rewards(tiny_model_dir):

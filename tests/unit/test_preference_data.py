@@ -43,7 +43,7 @@ def test_pair_shares_the_prompt_and_ends_with_eos():
     item = ds[0]
     assert item["chosen_ids"] == ids("Q:yes") + [EOS]
     assert item["rejected_ids"] == ids("Q:no") + [EOS]
-    assert item["prompt_len"] == len(ids("Q:"))
+    assert item["chosen_start"] == item["rejected_start"] == len(ids("Q:"))
     assert item["margin"] == 0.5 and item["index"] == 0
     assert stats == PreferenceStats(total=1, kept=1, dropped_prompt_too_long=0, dropped_identical=0, truncated=0)
 
@@ -51,7 +51,7 @@ def test_pair_shares_the_prompt_and_ends_with_eos():
 def test_without_prompt_key_plain_pairs_are_whole_texts():
     item = pairs([{"c": "good", "r": "bad"}], WHOLE)[0][0]
     assert item["chosen_ids"] == ids("good") + [EOS] and item["margin"] == 0.0
-    assert item["prompt_len"] == len(ids(""))  # just the BOS this tokenizer adds
+    assert item["chosen_start"] == len(ids(""))  # just the BOS this tokenizer adds
 
 
 def test_without_prompt_key_chat_pairs_split_at_the_last_assistant_turn():
@@ -59,8 +59,9 @@ def test_without_prompt_key_chat_pairs_split_at_the_last_assistant_turn():
     ds, _ = pairs([{"c": [user, {"role": "assistant", "content": "hello"}],
                     "r": [user, {"role": "assistant", "content": "go away"}]}], CHAT)
     prompt = TOK.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-    assert ds[0]["prompt_len"] == len(ids(prompt, bos=False))
-    assert ds[0]["chosen_ids"][: ds[0]["prompt_len"]] == ds[0]["rejected_ids"][: ds[0]["prompt_len"]]
+    start = ds[0]["chosen_start"]
+    assert start == ds[0]["rejected_start"] == len(ids(prompt, bos=False))
+    assert ds[0]["chosen_ids"][:start] == ds[0]["rejected_ids"][:start]
 
 
 def test_chat_pairs_with_different_histories_are_refused():
@@ -159,3 +160,20 @@ def test_packed_pair_batch_reads_the_same_last_tokens():
     packed = pair_collate([ds[0], ds[1]], pad_token_id=0, packing=True)
     assert packed["input_ids"].shape[0] == 1
     assert torch.equal(packed["input_ids"].flatten()[packed["last"]], padded["input_ids"].flatten()[padded["last"]])
+
+
+def test_kto_reads_unpaired_rows_when_the_data_has_no_pairs():
+    from openrl_ckpt.data.preference_dataset import LabelledConfig, build_kto_rows
+
+    rows = LabelledConfig(input_key="q", output_key="a", label_key="ok", input_template=None,
+                          apply_chat_template=False)
+    unpaired = datasets.Dataset.from_list([{"q": "Q:", "a": "yes", "ok": True}, {"q": "Q:", "a": "no", "ok": False}])
+    ds, _ = build_kto_rows(unpaired, TOK, PROMPTED, rows, unpaired=False, max_len=64, source="d")  # no 'c' column
+    assert [ds[i]["label"] for i in range(2)] == [True, False] and ds[0]["answer_ids"][-1] == EOS
+    paired = datasets.Dataset.from_list([{"p": "Q:", "c": "yes", "r": "no"}])
+    ds, _ = build_kto_rows(paired, TOK, PROMPTED, rows, unpaired=False, max_len=64, source="d")
+    assert [ds[i]["label"] for i in range(2)] == [True, False]  # chosen desirable, rejected not
+    no_answer = LabelledConfig(input_key="q", output_key=None, label_key="ok", input_template=None,
+                               apply_chat_template=False)
+    with pytest.raises(UserError, match="unpaired KTO rows need --output_key"):
+        build_kto_rows(unpaired, TOK, PROMPTED, no_answer, unpaired=False, max_len=64, source="d")

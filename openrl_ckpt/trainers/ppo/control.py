@@ -81,6 +81,12 @@ def rloo_baseline(rewards: torch.Tensor, n: int) -> torch.Tensor:
     return (r - (r.sum(1, keepdim=True) - r) / (n - 1)).flatten()
 
 
+def group_mean_baseline(rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """REINFORCE with a baseline: r_i - the mean of all n rewards of its prompt (itself included)."""
+    r = rewards.view(-1, n)
+    return (r - r.mean(1, keepdim=True)).flatten()
+
+
 def group_norm(rewards: torch.Tensor, n: int, eps: float = 1e-8) -> torch.Tensor:
     """(r - group mean) / (group std + eps), the std unbiased, per prompt's n samples."""
     r = rewards.view(-1, n)

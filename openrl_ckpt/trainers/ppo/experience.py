@@ -13,9 +13,9 @@ value of the state before that token is read too.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -24,7 +24,13 @@ from openrl_ckpt.inference.batching import batch_seed
 from openrl_ckpt.inference.generation import Generation, SamplingConfig, generate
 from openrl_ckpt.models.loss import KLEstimator, discounted_returns, gae, kl_estimate, token_logprobs
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy, FrozenModel, ReduceOp
-from openrl_ckpt.trainers.ppo.control import FixedKLController, RunningMoments, group_norm, rloo_baseline
+from openrl_ckpt.trainers.ppo.control import (
+    FixedKLController,
+    RunningMoments,
+    group_mean_baseline,
+    group_norm,
+    rloo_baseline,
+)
 
 
 class AdvantageEstimator(str, enum.Enum):
@@ -33,6 +39,7 @@ class AdvantageEstimator(str, enum.Enum):
     GAE = "gae"  # the critic's values, generalized advantage estimation (trains a critic)
     REINFORCE = "reinforce"  # whitened discounted returns
     RLOO = "rloo"  # the reward minus the mean of the prompt's other samples
+    REINFORCE_BASELINE = "reinforce_baseline"  # the reward minus the prompt's mean reward, then whitened
     GROUP_NORM = "group_norm"  # the reward normalised within the prompt's samples
 
     @property
@@ -42,7 +49,7 @@ class AdvantageEstimator(str, enum.Enum):
     @property
     def compares_samples(self) -> bool:
         """Whether the baseline comes from the other samples of the same prompt (needs at least 2)."""
-        return self in (AdvantageEstimator.RLOO, AdvantageEstimator.GROUP_NORM)
+        return self in (AdvantageEstimator.RLOO, AdvantageEstimator.GROUP_NORM, AdvantageEstimator.REINFORCE_BASELINE)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class PPOConfig:
     advantage_estimator: AdvantageEstimator = AdvantageEstimator.GAE
     freezing_actor_steps: int = -1
     seed: int = 42
+    use_kl_loss: bool = False  # --use_kl_loss: the KL to the reference is a loss term, not a reward penalty
 
 
 @dataclass
@@ -77,6 +85,7 @@ class Experience:
     advantages: torch.Tensor  # [S, T]
     values: torch.Tensor | None  # [S, T] (critic only)
     returns: torch.Tensor | None  # [S, T] (critic only)
+    ref_logp: torch.Tensor | None = None  # [S, T] (--use_kl_loss only)
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -112,7 +121,9 @@ class RewardScorer:
         self.device = device
         self.actor_tok = actor_tokenizer
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, inputs: dict[str, torch.Tensor], labels: Sequence[Any] | None = None,
+                 prompt_len: int | None = None) -> torch.Tensor:
+        """``labels`` and ``prompt_len`` are for scorers that read them (``RemoteRewardScorer``)."""
         scores = [rm(**(inputs if tok is None else self._retokenize(inputs, tok))).float() for rm, tok in self.models]
         return torch.stack(scores).mean(0)
 
@@ -125,9 +136,16 @@ class RewardScorer:
                 "position_ids": (mask.cumsum(1) - 1).clamp(min=0).to(self.device)}
 
 
+class Scorer(Protocol):
+    """The reward hook: a reward per sample of ``inputs`` (``RewardScorer``, or ``RemoteRewardScorer`` over HTTP)."""
+
+    def __call__(self, inputs: dict[str, torch.Tensor], labels: Sequence[Any] | None = None,
+                 prompt_len: int | None = None) -> torch.Tensor: ...
+
+
 class ExperienceMaker:
     def __init__(self, strategy: DeepspeedStrategy, actor: Any, critic: Any | None, ref: FrozenModel | None,
-                 scorer: RewardScorer, cfg: PPOConfig, kl_ctl: FixedKLController, reward_moments: RunningMoments,
+                 scorer: Scorer, cfg: PPOConfig, kl_ctl: FixedKLController, reward_moments: RunningMoments,
                  eos_token_id: int, pad_token_id: int) -> None:
         self.strategy = strategy
         self.actor = actor
@@ -141,9 +159,12 @@ class ExperienceMaker:
         self.pad = pad_token_id
 
     @torch.no_grad()
-    def make(self, prompts: list[list[int]], step: int) -> tuple[Experience, dict[str, float]]:
+    def make(self, prompts: list[list[int]], step: int,
+             labels: Sequence[Any] | None = None) -> tuple[Experience, dict[str, float]]:
+        """``labels``: one per prompt (--label_key), handed to the scorer with each of its samples."""
         cfg, dev = self.cfg, self.strategy.device
         samples = [p for p in prompts for _ in range(cfg.n_samples_per_prompt)]
+        sample_labels = [label for label in labels or [None] * len(prompts) for _ in range(cfg.n_samples_per_prompt)]
         m = cfg.micro_rollout_batch_size
         chunks = [samples[i:i + m] for i in range(0, len(samples), m)]
         calls = len(chunks)
@@ -170,7 +191,7 @@ class ExperienceMaker:
                 parts["ref_logp"].append(action_logprobs(self.ref, inputs, exp.prompt_len))
             if self.critic is not None:
                 parts["values"].append(critic_values(self.critic, inputs, exp.prompt_len))
-            parts["score"].append(self.scorer(inputs))
+            parts["score"].append(self.scorer(inputs, sample_labels[start:start + m], exp.prompt_len))
         self.actor.train()
         if self.critic is not None:
             self.critic.train()
@@ -211,7 +232,13 @@ def assign_advantages(exp: Experience, score: torch.Tensor, ref_logp: torch.Tens
         reward = rloo_baseline(reward, n)
     elif cfg.advantage_estimator is AdvantageEstimator.GROUP_NORM:
         reward = group_norm(reward, n)
-    token_rewards = -kl_ctl.value * kl
+    elif cfg.advantage_estimator is AdvantageEstimator.REINFORCE_BASELINE:
+        reward = group_mean_baseline(reward, n)
+    if cfg.use_kl_loss:  # the actor's loss holds the KL (update.train_actor); the reward does not
+        exp.ref_logp = ref_logp * mask if ref_logp is not None else None
+        token_rewards = torch.zeros_like(kl)
+    else:
+        token_rewards = -kl_ctl.value * kl
     token_rewards[torch.arange(len(exp), device=dev), last_token_index(exp.action_mask)] += reward
     if cfg.advantage_estimator.trains_critic:
         assert values is not None
@@ -220,7 +247,7 @@ def assign_advantages(exp: Experience, score: torch.Tensor, ref_logp: torch.Tens
         exp.advantages = whiten(exp.advantages, mask, totals)
     else:
         exp.advantages = discounted_returns(token_rewards, mask, cfg.gamma)
-        if cfg.advantage_estimator is AdvantageEstimator.REINFORCE:
+        if cfg.advantage_estimator in (AdvantageEstimator.REINFORCE, AdvantageEstimator.REINFORCE_BASELINE):
             exp.advantages = whiten(exp.advantages, mask, totals)
     return metrics
 

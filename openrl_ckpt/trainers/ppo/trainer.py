@@ -119,7 +119,8 @@ class PPOTrainer:
             self.sampler.set_consumed(state.consumed_samples)
             for rows in self.loader:
                 started = time.perf_counter()
-                exp, metrics = self.maker.make([r["input_ids"] for r in rows], state.global_step)
+                exp, metrics = self.maker.make([r["input_ids"] for r in rows], state.global_step,
+                                               labels=[r.get("label") for r in rows])
                 rollout_s = time.perf_counter() - started
                 metrics.update(self.update(exp, state.global_step))
                 self.maker.kl_ctl.update(strategy.all_reduce({"kl": metrics["kl"]})["kl"],
@@ -140,8 +141,8 @@ class PPOTrainer:
     def update(self, exp: Experience, step: int) -> dict[str, float]:
         """PPO epochs over this rank's rollout in shuffled micro batches, the actor's then the critic's;
         each steps at its accumulation boundaries (every --train_batch_size samples, all ranks together)."""
-        metrics = train_actor(self.strategy, self.actor, exp, self.ppo, step, ptx=self.ptx, ptx_coef=self.ptx_coef,
-                              ema=self.ema)
+        metrics = train_actor(self.strategy, self.actor, exp, self.ppo, step, kl_coef=self.maker.kl_ctl.value,
+                              ptx=self.ptx, ptx_coef=self.ptx_coef, ema=self.ema)
         if self.critic is not None:
             metrics.update(train_critic(self.strategy, self.critic, exp, self.ppo, step))
         return metrics

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from openrl_ckpt.inference.batching import batch_seed
-from openrl_ckpt.models.loss import ppo_policy_loss, ppo_value_loss, sft_loss
+from openrl_ckpt.models.loss import kl_loss, ppo_policy_loss, ppo_value_loss, sft_loss
 from openrl_ckpt.strategy.deepspeed import DeepspeedStrategy
 from openrl_ckpt.trainers.ppo.ema import EmaWeights
 from openrl_ckpt.trainers.ppo.experience import Experience, PPOConfig, action_logprobs, critic_values
@@ -32,9 +32,11 @@ def _means(sums: dict[str, float], count: int) -> dict[str, float]:
 
 
 def train_actor(strategy: DeepspeedStrategy, actor: Any, exp: Experience, ppo: PPOConfig, step: int, *,
-                ptx: PtxFeed | None = None, ptx_coef: float = 0.0, ema: EmaWeights | None = None) -> dict[str, float]:
+                kl_coef: float = 0.0, ptx: PtxFeed | None = None, ptx_coef: float = 0.0,
+                ema: EmaWeights | None = None) -> dict[str, float]:
     """The actor's PPO epochs (nothing before --freezing_actor_steps); it steps at its accumulation
-    boundaries, every --train_batch_size samples over its group. Returns the mean losses."""
+    boundaries, every --train_batch_size samples over its group. With --use_kl_loss (``exp.ref_logp``)
+    ``kl_coef`` x the KL to the reference joins the loss. Returns the mean losses."""
     if step < ppo.freezing_actor_steps:
         return {}
     sums: dict[str, float] = {}
@@ -44,6 +46,10 @@ def train_actor(strategy: DeepspeedStrategy, actor: Any, exp: Experience, ppo: P
         loss, clipfrac = ppo_policy_loss(logp, exp.old_logp[rows], exp.advantages[rows], exp.action_mask[rows],
                                          ppo.eps_clip)
         sums["policy_loss"] = sums.get("policy_loss", 0.0) + loss.item()
+        if exp.ref_logp is not None:  # --use_kl_loss
+            kl = kl_loss(logp, exp.ref_logp[rows], exp.action_mask[rows], ppo.kl_estimator)
+            loss = loss + kl_coef * kl
+            sums["kl_loss"] = sums.get("kl_loss", 0.0) + kl.item()
         if ptx is not None:
             ptx_loss = _ptx_loss(strategy, actor, ptx)
             loss = loss + ptx_coef * ptx_loss

@@ -55,10 +55,12 @@ class Topology:
         return next(p for p in self.pools if member in p.members)
 
 
-def plan(args: Any, trains_critic: bool) -> Topology:
-    """Group sizes and pools from the flags; colocated groups must have equal sizes (one line otherwise)."""
-    sizes = {Role.ACTOR: args.actor_num_nodes * args.actor_num_gpus_per_node,
-             Role.REWARD: args.reward_num_nodes * args.reward_num_gpus_per_node}
+def plan(args: Any, trains_critic: bool, reward_group: bool = True) -> Topology:
+    """Group sizes and pools from the flags (no reward group when the rewards come over HTTP); colocated
+    groups must have equal sizes (one line otherwise)."""
+    sizes = {Role.ACTOR: args.actor_num_nodes * args.actor_num_gpus_per_node}
+    if reward_group:
+        sizes[Role.REWARD] = args.reward_num_nodes * args.reward_num_gpus_per_node
     if args.init_kl_coef > 0:
         sizes[Role.REFERENCE] = args.ref_num_nodes * args.ref_num_gpus_per_node
     if trains_critic:

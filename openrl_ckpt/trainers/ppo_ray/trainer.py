@@ -32,7 +32,7 @@ from openrl_ckpt.strategy.deepspeed import ReduceOp
 from openrl_ckpt.trainers.base import LoopConfig
 from openrl_ckpt.trainers.checkpointing import Checkpointer
 from openrl_ckpt.trainers.ppo.control import FixedKLController, RunningMoments
-from openrl_ckpt.trainers.ppo.experience import Experience, PPOConfig, assign_advantages, layout_rollout
+from openrl_ckpt.trainers.ppo.experience import Experience, PPOConfig, Scorer, assign_advantages, layout_rollout
 from openrl_ckpt.trainers.ppo.trainer import PPOState
 from openrl_ckpt.trainers.ppo_ray.cluster import Role, RoleGroup, WorkerLost, gather
 from openrl_ckpt.trainers.ppo_ray.worker import select, shard_rows
@@ -76,7 +76,7 @@ class Groups:
     actor: RoleGroup
     critic: RoleGroup | None
     reference: RoleGroup | None
-    reward: RoleGroup
+    reward: RoleGroup | None  # none when the rewards come over HTTP (--remote_rm_url)
     engines: list[Any]
 
     @property
@@ -232,9 +232,10 @@ class RolloutMaker:
     """One rollout over the groups: generate, score each share, then advantages on the driver."""
 
     def __init__(self, ray: Any, groups: Groups, ppo: PPOConfig, kl_ctl: FixedKLController, moments: RunningMoments,
-                 *, eos_token_id: int, pad_token_id: int) -> None:
+                 *, eos_token_id: int, pad_token_id: int, remote_scorer: Scorer | None = None) -> None:
         self.ray = ray
         self.groups = groups
+        self.remote_scorer = remote_scorer  # --remote_rm_url: the driver asks the reward servers itself
         self.ppo = ppo
         self.kl_ctl = kl_ctl
         self.moments = moments
@@ -242,7 +243,9 @@ class RolloutMaker:
         self.pad = pad_token_id
 
     @torch.no_grad()
-    def make(self, prompts: list[list[int]], step: int) -> tuple[Experience, dict[str, float]]:
+    def make(self, prompts: list[list[int]], step: int,
+             labels: list[Any] | None = None) -> tuple[Experience, dict[str, float]]:
+        """``labels``: one per prompt (--label_key), for the reward servers."""
         ppo = self.ppo
         samples = [p for p in prompts for _ in range(ppo.n_samples_per_prompt)]
         started = time.perf_counter()
@@ -256,11 +259,16 @@ class RolloutMaker:
             shares = [(select(exp, shard_rows(len(exp), group.world_size, r)),) for r in range(group.world_size)]
             spans.append((group.role, len(refs), len(refs) + group.world_size))
             refs += group.submit("forward", per_rank=shares)
+        score = None
+        if self.remote_scorer is not None:  # while the groups compute their shares
+            per_prompt = labels or [None] * len(prompts)
+            sample_labels = [label for label in per_prompt for _ in range(ppo.n_samples_per_prompt)]
+            score = self.remote_scorer(exp.inputs(torch.arange(len(exp))), sample_labels, exp.prompt_len)
         results = gather(self.ray, refs)
         out = {role: torch.cat(results[a:b]) for role, a, b in spans}
         exp.old_logp = out[Role.ACTOR]
-        metrics = assign_advantages(exp, out[Role.REWARD], out.get(Role.REFERENCE), out.get(Role.CRITIC), ppo,
-                                    self.kl_ctl, self.moments, totals=dict)
+        metrics = assign_advantages(exp, out[Role.REWARD] if score is None else score, out.get(Role.REFERENCE),
+                                    out.get(Role.CRITIC), ppo, self.kl_ctl, self.moments, totals=dict)
         answer_tokens = int(exp.action_mask.sum())
         metrics.update(generate_s=generate_s, rollout_s=time.perf_counter() - started,
                        rollout_tokens_per_s=answer_tokens / max(generate_s, 1e-9))
@@ -347,7 +355,7 @@ class RayPPOTrainer:
             for rows in self.loader:
                 started = time.perf_counter()
                 step = state.global_step
-                exp, metrics = self.maker.make([r["input_ids"] for r in rows], step)
+                exp, metrics = self.maker.make([r["input_ids"] for r in rows], step, [r.get("label") for r in rows])
                 metrics.update(self.update(exp, step))
                 self.maker.kl_ctl.update(metrics["kl"], ppo.rollout_batch_size * ppo.n_samples_per_prompt)
                 if self.sync is not None:
@@ -368,7 +376,7 @@ class RayPPOTrainer:
         for group in self.groups.trained:
             shares = [(select(exp, shard_rows(len(exp), group.world_size, r)),) for r in range(group.world_size)]
             spans.append((len(refs), len(refs) + group.world_size))
-            refs += group.submit("train", step, per_rank=shares)
+            refs += group.submit("train", step, self.maker.kl_ctl.value, per_rank=shares)
         started = time.perf_counter()
         results = gather(self.ray, refs)
         metrics: dict[str, float] = {"train_s": time.perf_counter() - started}

@@ -49,7 +49,7 @@ def select(exp: Experience, rows: slice) -> Experience:
     return Experience(exp.sequences[rows].contiguous(), exp.attention_mask[rows].contiguous(),
                       exp.position_ids[rows].contiguous(), exp.prompt_len, exp.action_mask[rows].contiguous(),
                       exp.old_logp[rows].contiguous(), exp.advantages[rows].contiguous(), part(exp.values),
-                      part(exp.returns))
+                      part(exp.returns), part(exp.ref_logp))
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class WorkerSpec:
     ptx_data: Any = None  # the tokenized --pretrain_data (--ptx_coef)
     ptx_coef: float = 0.0
     chat_template: str | None = None  # --tokenizer_chat_template: the tokenizer the checkpoints and export hold
+    use_fast_tokenizer: bool = True  # --disable_fast_tokenizer
 
 
 class PPOWorker:
@@ -108,7 +109,8 @@ class PPOWorker:
         self.strategy = strategy = DeepspeedStrategy(spec.strategy)
         strategy.setup_distributed()
         setup_logging(strategy.rank)
-        self.tokenizer = tokenizer = load_tokenizer(spec.actor.pretrain, padding_side="left")
+        self.tokenizer = tokenizer = load_tokenizer(spec.actor.pretrain, padding_side="left",
+                                                    use_fast=spec.use_fast_tokenizer)
         apply_tokenizer_chat_template(tokenizer, spec.chat_template)
         strategy.before_model_load()
         identity: dict[str, Any] = {}
@@ -139,7 +141,8 @@ class PPOWorker:
                                           require_head=True)
                 ids.append(reference_identity(cfg.pretrain, model))
                 models.append((strategy.prepare_frozen(model, spec.ref_reward_offload),
-                               load_tokenizer(cfg.pretrain) if own_tokenizer else None))
+                               load_tokenizer(cfg.pretrain, use_fast=spec.use_fast_tokenizer) if own_tokenizer
+                               else None))
             self.frozen = RewardScorer(models, strategy.device, tokenizer)
             identity["--reward_pretrain"] = ids
         return identity
@@ -189,14 +192,15 @@ class PPOWorker:
             self.engine.train()
         return torch.cat(parts).float().cpu()
 
-    def train(self, exp: Experience, step: int) -> dict[str, float]:
-        """The PPO epochs of this rank's rows (actor or critic), stepping with its group."""
+    def train(self, exp: Experience, step: int, kl_coef: float) -> dict[str, float]:
+        """The PPO epochs of this rank's rows (actor or critic), stepping with its group; ``kl_coef``: the KL
+        controller's value, for --use_kl_loss."""
         from openrl_ckpt.trainers.ppo.update import train_actor, train_critic
 
         fault_point(f"{self.role.value}_train", step)
         exp = _to_device(exp, self.strategy.device)
         if self.role is Role.ACTOR:
-            metrics = train_actor(self.strategy, self.engine, exp, self.ppo, step, ptx=self.ptx,
+            metrics = train_actor(self.strategy, self.engine, exp, self.ppo, step, kl_coef=kl_coef, ptx=self.ptx,
                                   ptx_coef=self.spec.ptx_coef, ema=self.ema)
             metrics["actor_lr"] = float(self.engine.get_lr()[0])
             return metrics
@@ -314,4 +318,4 @@ def _to_device(exp: Experience, dev: torch.device) -> Experience:
 
     return Experience(exp.sequences.to(dev), exp.attention_mask.to(dev), exp.position_ids.to(dev), exp.prompt_len,
                       exp.action_mask.to(dev), exp.old_logp.to(dev), exp.advantages.to(dev), move(exp.values),
-                      move(exp.returns))
+                      move(exp.returns), move(exp.ref_logp))
