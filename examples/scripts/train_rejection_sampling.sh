@@ -112,7 +112,8 @@ while ((iter < TRAINING_ITERS)); do
   else
     # shellcheck disable=SC2086
     run $LAUNCH openrl_ckpt.cli.train_sft --pretrain "$policy" --dataset "$dir/rm.jsonl" \
-      --input_key input --output_key output --max_len "$MAX_LEN" --train_batch_size "$TRAIN_BATCH_SIZE" \
+      --input_key input --output_key output --input_template "" --max_len "$MAX_LEN" \
+      --train_batch_size "$TRAIN_BATCH_SIZE" \
       --micro_train_batch_size "$MICRO_TRAIN_BATCH_SIZE" --max_epochs 1 --learning_rate "$LEARNING_RATE" \
       --lr_scheduler constant --seed "$SEED" --save_steps "$SAVE_STEPS" --ckpt_path "$dir/ckpt" --load_checkpoint \
       --save_path "$dir/model" --logging_steps 1 $TRAIN_EXTRA
