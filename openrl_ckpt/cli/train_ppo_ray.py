@@ -93,6 +93,9 @@ def check_ray_args(args: cli_args.argparse.Namespace, on_gpu: bool) -> None:
         args.vllm_sync_backend = "gloo"
     if args.max_restarts < 0:
         raise UserError(f"--max_restarts must be 0 or more, got {args.max_restarts}")
+
+
+def check_vllm(args: cli_args.argparse.Namespace) -> None:
     if args.vllm_num_engines > 0:
         try:
             import vllm  # noqa: F401
@@ -111,7 +114,7 @@ def check_resumable_kind(args: cli_args.argparse.Namespace) -> None:
     root = Path(args.ckpt_path)
     if not (args.load_checkpoint or args.resume_from) or not root.is_dir():
         return
-    for step in committed_steps(root):
+    for step in committed_steps(root):  # newest first: the newest readable one decides
         try:
             algorithm = json.loads((root / step_dir_name(step) / STATE_FILE).read_text()).get("algorithm")
         except (OSError, ValueError):
@@ -133,12 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     estimator = AdvantageEstimator(args.advantage_estimator)
     remote = RemoteRewardConfig(parse_remote_urls(args.remote_rm_url), timeout_s=args.remote_rm_timeout,
                                 retries=args.remote_rm_retries) if args.remote_rm_url else None
-    args.reward_paths = [x for x in (args.reward_pretrain or "").split(",") if x]
-    critic_path = args.critic_pretrain or (args.reward_paths[0] if args.reward_paths else args.pretrain)
+    reward_paths = [x for x in (args.reward_pretrain or "").split(",") if x]
+    critic_path = args.critic_pretrain or (reward_paths[0] if reward_paths else args.pretrain)
     if not estimator.trains_critic and (args.save_value_network or args.critic_pretrain):
         raise UserError(f"--advantage_estimator {args.advantage_estimator} trains no critic; drop "
                         f"{'--save_value_network' if args.save_value_network else '--critic_pretrain'}")
-    args.critic_pretrain = critic_path if estimator.trains_critic else None
 
     # 1. the plan (group sizes, colocation) and batch arithmetic, before any cluster is touched
     topology = plan(args, estimator.trains_critic, reward_group=remote is None)
@@ -152,10 +154,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. tokenizer and prompts (the driver samples them)
     import_ray()
+    check_vllm(args)
     check_resumable_kind(args)
     tokenizer = load_tokenizer(args.pretrain, padding_side="left", use_fast=not args.disable_fast_tokenizer)
     apply_tokenizer_chat_template(tokenizer, args.tokenizer_chat_template)
-    reward_tokenizers = check_tokenizers(args, tokenizer, args.reward_paths, critic_path)
+    reward_tokenizers = check_tokenizers(args, tokenizer, reward_paths, critic_path)
     prompts = load_prompts(args, tokenizer)
     ptx_data = load_pretrain_data(args, tokenizer) if args.pretrain_data else None
 
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                       critic=cli_args.model_config(args, pretrain=critic_path) if estimator.trains_critic else None,
                       critic_optim=cli_args.optim_config(args, args.critic_learning_rate),
                       rewards=[(cli_args.model_config(args, pretrain=path), own is not None)
-                               for path, own in zip(args.reward_paths, reward_tokenizers)],
+                               for path, own in zip(reward_paths, reward_tokenizers)],
                       value_head_prefix=args.value_head_prefix, ref_reward_offload=args.ref_reward_offload,
                       optimizer_steps=count_optimizer_steps(args, len(prompts), samples),
                       ema_beta=args.ema_beta if args.enable_ema else None, ptx_data=ptx_data,
@@ -225,9 +228,9 @@ def run_job(ray: Any, args: cli_args.argparse.Namespace, topology: Topology, uni
         trainer = RayPPOTrainer(ray, groups, maker, sync, prompts, ppo, cli_args.loop_config(args, "ppo_ray"),
                                 cli_args.tracker_config(args), identities["fingerprint"], frozen,
                                 zero_stage=args.zero_stage, has_ptx=args.pretrain_data is not None,
-                                ckpt_meta={"pretrain": args.pretrain, "reward_pretrain": args.reward_paths,
+                                ckpt_meta={"pretrain": args.pretrain, "reward_pretrain": spec.reward_paths,
                                            "remote_rm_url": list(remote.urls) if remote is not None else None,
-                                           "critic_pretrain": args.critic_pretrain})
+                                           "critic_pretrain": spec.critic.pretrain if spec.critic else None})
         trainer.fit()
         # the export (with --enable_ema the actor's averaged weights), by the groups themselves
         groups.actor.run("export", args.save_path, True)

@@ -72,6 +72,10 @@ class WorkerSpec:
     chat_template: str | None = None  # --tokenizer_chat_template: the tokenizer the checkpoints and export hold
     use_fast_tokenizer: bool = True  # --disable_fast_tokenizer
 
+    @property
+    def reward_paths(self) -> list[str]:
+        return [cfg.pretrain for cfg, _ in self.rewards]
+
 
 class PPOWorker:
     """A rank of the ``role`` group. ``setup`` joins the group's process group and loads its model(s)."""
