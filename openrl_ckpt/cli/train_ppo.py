@@ -117,7 +117,12 @@ def add_ppo_args(p: cli_args.argparse.ArgumentParser, default_ckpt: str) -> None
     g.add_argument("--reward_clip_range", type=float, nargs=2, default=(-10.0, 10.0))
     g.add_argument("--advantage_estimator", choices=[e.value for e in AdvantageEstimator],
                    default=AdvantageEstimator.GAE.value)
+    cli_args.bool_flag(g, "--no_advantage_std_norm", "whitened advantages keep their scale: the mean is taken "
+                       "out, no division by the std")
     g.add_argument("--freezing_actor_steps", type=int, default=-1, help="train only the critic for this many steps")
+    cli_args.bool_flag(g, "--packing_samples", "pack rollouts without padding (not supported by PPO yet: an error)")
+    cli_args.bool_flag(g, "--perf", "timing figures: every step line already holds generate_s, rollout_s, train_s, "
+                       "step_s (and weight_sync_s on Ray)")
     g.add_argument("--ptx_coef", type=float, default=0.05, help="weight of an SFT loss on --pretrain_data in the "
                    "actor's loss (only with --pretrain_data)")
     g.add_argument("--pretrain_data", default=None, help="comma-separated pretraining datasets for --ptx_coef")
@@ -131,6 +136,9 @@ def add_ppo_args(p: cli_args.argparse.ArgumentParser, default_ckpt: str) -> None
 
 def check_args(args: cli_args.argparse.Namespace) -> None:
     """Flag checks that need no process group."""
+    if args.packing_samples:
+        raise UserError("--packing_samples: PPO rollouts are padded (not supported by train_ppo / train_ppo_ray yet); "
+                        "drop the flag")
     if (args.reward_pretrain is None) == (args.remote_rm_url is None):
         raise UserError("give the reward as --reward_pretrain (local reward models) or --remote_rm_url (reward "
                         "servers), one of the two")
@@ -258,7 +266,8 @@ def ppo_config(args: cli_args.argparse.Namespace, sampling: SamplingConfig) -> P
                     value_clip=args.value_clip if args.value_clip > 0 else None,
                     normalize_reward=args.normalize_reward, reward_clip_range=tuple(args.reward_clip_range),
                     advantage_estimator=AdvantageEstimator(args.advantage_estimator),
-                    freezing_actor_steps=args.freezing_actor_steps, seed=args.seed, use_kl_loss=args.use_kl_loss)
+                    freezing_actor_steps=args.freezing_actor_steps, seed=args.seed, use_kl_loss=args.use_kl_loss,
+                    advantage_std_norm=not args.no_advantage_std_norm)
 
 
 def main(argv: list[str] | None = None) -> None:

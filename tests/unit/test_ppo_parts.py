@@ -90,3 +90,13 @@ def test_flag_checks(extra: list[str], message: str) -> None:
     args = parse_args(["--pretrain", "p", "--reward_pretrain", "r", "--prompt_data", "d", *extra])
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         check_args(args)
+
+
+def test_whiten_takes_out_the_mean_and_optionally_the_scale() -> None:
+    from openrl_ckpt.trainers.ppo.experience import whiten
+
+    x = torch.tensor([[1.0, 3.0, 99.0], [5.0, 7.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])  # masked positions count for nothing
+    mean, std = 4.0, 5.0 ** 0.5  # of 1, 3, 5, 7
+    assert torch.allclose(whiten(x, mask, dict), (x - mean) / std * mask, atol=1e-6)
+    assert torch.equal(whiten(x, mask, dict, divide_by_std=False), (x - mean) * mask)  # --no_advantage_std_norm

@@ -71,6 +71,7 @@ class PPOConfig:
     advantage_estimator: AdvantageEstimator = AdvantageEstimator.GAE
     freezing_actor_steps: int = -1
     seed: int = 42
+    advantage_std_norm: bool = True  # --no_advantage_std_norm: whitening only takes the mean out
     use_kl_loss: bool = False  # --use_kl_loss: the KL to the reference is a loss term, not a reward penalty
 
 
@@ -244,11 +245,11 @@ def assign_advantages(exp: Experience, score: torch.Tensor, ref_logp: torch.Tens
         assert values is not None
         exp.advantages, exp.returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lambd)
         exp.values = values
-        exp.advantages = whiten(exp.advantages, mask, totals)
+        exp.advantages = whiten(exp.advantages, mask, totals, divide_by_std=cfg.advantage_std_norm)
     else:
         exp.advantages = discounted_returns(token_rewards, mask, cfg.gamma)
         if cfg.advantage_estimator in (AdvantageEstimator.REINFORCE, AdvantageEstimator.REINFORCE_BASELINE):
-            exp.advantages = whiten(exp.advantages, mask, totals)
+            exp.advantages = whiten(exp.advantages, mask, totals, divide_by_std=cfg.advantage_std_norm)
     return metrics
 
 
@@ -275,10 +276,12 @@ def layout_rollout(gens: list[tuple[Generation, torch.Tensor]], pad: int, dev: t
     return Experience(seq, attn, position_ids, P, action, empty, empty, None, None)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, totals: Totals) -> torch.Tensor:
-    """(x - mean) / std over every rank's answer tokens."""
+def whiten(x: torch.Tensor, mask: torch.Tensor, totals: Totals, divide_by_std: bool = True) -> torch.Tensor:
+    """(x - mean) / std over every rank's answer tokens (only x - mean without ``divide_by_std``)."""
     t = totals({"sum": float((x * mask).double().sum()), "sq": float(((x * mask) ** 2).double().sum()),
                 "n": float(mask.sum())})
     mean = t["sum"] / max(t["n"], 1.0)
+    if not divide_by_std:
+        return (x - mean) * mask
     var = max(t["sq"] / max(t["n"], 1.0) - mean * mean, 0.0)
     return (x - mean) / (var ** 0.5 + 1e-8) * mask
