@@ -1,6 +1,7 @@
 """Every flag of OpenRLHF 0.6.x's CLIs is one of ours, with the same default where it matters to a script.
 
-The flag names below are OpenRLHF 0.6.4's argparse blocks (train_ppo: 0.6.1's, the last non-Ray one)."""
+The flag names below are OpenRLHF 0.6.4's argparse blocks (train_ppo: 0.6.1's, the last non-Ray one; train_ppo_ray:
+0.6.4's, every flag of it)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,30 @@ FLAGS = {
         --prompt_data_probs --prompt_max_len --prompt_split --ptx_coef --remote_rm_url --reward_clip_range
         --reward_pretrain --rollout_batch_size --save_hf_ckpt --save_value_network --temperature --top_p
         --use_kl_loss --use_tensorboard --value_clip --value_head_prefix""",
+    "train_ppo_ray": """--actor_init_on_gpu --actor_learning_rate --actor_num_gpus_per_node --actor_num_nodes
+        --adam_betas --adam_offload --advantage_estimator --apply_chat_template --aux_loss_coef --bf16
+        --ckpt_path --colocate_actor_ref --colocate_all_models --colocate_critic_reward
+        --critic_learning_rate --critic_num_gpus_per_node --critic_num_nodes --critic_pretrain
+        --deepspeed_enable_sleep --disable_ds_ckpt --disable_fast_tokenizer --enable_ema
+        --enable_prefix_caching --enforce_eager --eps_clip --eval_steps --flash_attn
+        --freezing_actor_steps --full_determinism --gamma --generate_max_len --grad_accum_dtype
+        --gradient_checkpointing --gradient_checkpointing_use_reentrant --init_kl_coef --input_key
+        --input_template --kl_estimator --kl_target --l2 --label_key --lambd --load_checkpoint
+        --load_in_4bit --local_rank --logging_steps --lora_alpha --lora_dropout --lora_rank
+        --lr_warmup_ratio --max_ckpt_mem --max_ckpt_num --max_epochs --max_len --max_norm --max_samples
+        --micro_rollout_batch_size --micro_train_batch_size --n_samples_per_prompt
+        --no_advantage_std_norm --normalize_reward --num_episodes --overlap_comm --packing_samples
+        --perf --pretrain --pretrain_data --pretrain_data_probs --pretrain_split --prompt_data
+        --prompt_data_probs --prompt_max_len --prompt_split --ptx_coef --ref_num_gpus_per_node
+        --ref_num_nodes --ref_reward_offload --remote_rm_url --reward_clip_range
+        --reward_num_gpus_per_node --reward_num_nodes --reward_pretrain --ring_attn_size
+        --ring_head_stride --rollout_batch_size --save_hf_ckpt --save_path --save_steps
+        --save_value_network --seed --target_modules --temperature --top_p --torch_compile
+        --train_batch_size --use_ds_universal_ckpt --use_kl_loss --use_liger_kernel --use_ms
+        --use_tensorboard --use_wandb --value_clip --value_head_prefix --vllm_enable_sleep
+        --vllm_gpu_memory_utilization --vllm_num_engines --vllm_sync_backend --vllm_sync_with_ray
+        --vllm_tensor_parallel_size --wandb_group --wandb_org --wandb_project --wandb_run_name
+        --zero_stage --zpg""",
     "batch_inference": """--apply_chat_template --best_of_n --bf16 --csft_prompt --dataset --dataset_probs
         --dataset_split --disable_fast_tokenizer --enable_csft --enable_prefix_caching --eval_task --flash_attn
         --full_determinism --greedy_sampling --input_key --input_template --iter --local_rank --max_len
