@@ -93,9 +93,11 @@ def test_dpo_learns_and_resumes_bitwise_under_zero3(tmp_path, tiny_dropout_model
 
 def test_kto_learns_and_resumes_bitwise(tmp_path, tiny_dropout_model_dir, pref_data):
     def args_for(ckpt: Path, out: Path) -> list[str]:
+        # the raw text and beta this test is sized for (train_kto's defaults are OpenRLHF's: the
+        # 'User: {}\nAssistant: ' template, whose longer prompts drop one more row, and beta 0.01)
         return [*common(tiny_dropout_model_dir, ckpt, out, zero=2), "--dataset", str(pref_data["kto"]),
                 "--eval_dataset", str(pref_data["kto_eval"]), "--unpaired_preference", "--input_key", "prompt",
-                "--output_key", "completion", "--label_key", "label"]
+                "--output_key", "completion", "--label_key", "label", "--input_template", "", "--beta", "0.1"]
 
     _, output = kill_then_resume("openrl_ckpt.cli.train_kto", args_for, tmp_path)
     assert "desirable and" in output and "undesirable answers" in output
