@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 PLACEHOLDER = "ки"
 TRAIN_BATCH = "16"  # the scripts' 256 (64 for KTO), scaled to CPU
-ROWS = 32  # two optimizer steps
+ROWS = 16  # one optimizer step
 
 
 @pytest.fixture(scope="module")
