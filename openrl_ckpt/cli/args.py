@@ -192,21 +192,22 @@ def add_serving_model_args(g: argparse._ArgumentGroup) -> None:
 
 
 def check_serving_model_args(args: argparse.Namespace) -> None:
-    check_unavailable_flags(args)
+    check_unavailable_flags(use_ms=args.use_ms)
     if args.load_in_4bit:
         raise UserError("--load_in_4bit: 4-bit weights are for QLoRA training here (bitsandbytes on CUDA); load the "
                         "model unquantized")
 
 
-def check_unavailable_flags(args: argparse.Namespace) -> None:
-    """Flags of kernels and hubs this machine cannot reach: one line saying why, before anything loads."""
-    if getattr(args, "ring_attn_size", 1) != 1:
-        raise UserError(f"--ring_attn_size {args.ring_attn_size}: ring attention needs the ring-flash-attn and "
+def check_unavailable_flags(*, ring_attn_size: int = 1, use_liger_kernel: bool = False, use_ms: bool = False) -> None:
+    """Flags of kernels and hubs this machine cannot reach: one line saying why, before anything loads. Each job
+    passes the ones it has."""
+    if ring_attn_size != 1:
+        raise UserError(f"--ring_attn_size {ring_attn_size}: ring attention needs the ring-flash-attn and "
                         "flash-attn kernels on CUDA, which this build does not ship; train with --ring_attn_size 1")
-    if getattr(args, "use_liger_kernel", False):
+    if use_liger_kernel:
         raise UserError("--use_liger_kernel: Liger's Triton kernels need CUDA and the liger-kernel package, which "
                         "this build does not ship; drop the flag")
-    if getattr(args, "use_ms", False):
+    if use_ms:
         try:
             import modelscope  # noqa: F401
         except ImportError:
@@ -220,7 +221,8 @@ def strategy_config(args: argparse.Namespace) -> StrategyConfig:
     """The first config every training job builds: flags this machine cannot serve fail here."""
     from openrl_ckpt.strategy.deepspeed import StrategyConfig
 
-    check_unavailable_flags(args)
+    check_unavailable_flags(ring_attn_size=args.ring_attn_size, use_liger_kernel=args.use_liger_kernel,
+                            use_ms=args.use_ms)
     if args.zpg < 1:
         raise UserError(f"--zpg must be at least 1, got {args.zpg}")
     return StrategyConfig(seed=args.seed, zero_stage=args.zero_stage, bf16=args.bf16,

@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     generating = args.eval_task is not EvalTask.RM
-    check_unavailable_flags(args)
+    check_unavailable_flags(use_ms=args.use_ms)
     remote = args.remote_rm_url is not None
     if remote and args.eval_task is not EvalTask.RM:
         raise UserError(f"--remote_rm_url scores with --eval_task rm, not {args.eval_task.value}")

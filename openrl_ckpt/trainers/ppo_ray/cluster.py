@@ -185,9 +185,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def node_ip(ray: Any) -> str:
-    return ray.util.get_node_ip_address()
-
-

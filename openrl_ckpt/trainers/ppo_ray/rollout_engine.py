@@ -119,7 +119,7 @@ class VLLMEngine:
         self.group = stateless_init_torch_distributed_process_group(host, port, self.index + 1, world, backend)
         self.device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
 
-    def receive_weights(self, specs: list[tuple[str, list[int], str]]) -> str:
+    def receive_weights(self, specs: list[tuple[str, list[int], str]], check: bool) -> str | None:
         """Receive every weight over the sync group (names, shapes, dtypes in ``specs``), reload; returns the
         digest of what arrived."""
         pairs = []
@@ -127,16 +127,18 @@ class VLLMEngine:
             tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
             self.group.broadcast(tensor, 0).wait()
             pairs.append((name, tensor.cpu()))
-        return self._reload(pairs)
+        return self._reload(pairs, check)
 
-    def receive_weights_object(self, boxed: list[Any]) -> str:
+    def receive_weights_object(self, boxed: list[Any], check: bool) -> str | None:
         """The weights from the object store (``boxed``: [ref], so Ray hands over the reference)."""
         import ray
 
-        return self._reload(ray.get(boxed[0]))
+        return self._reload(ray.get(boxed[0]), check)
 
-    def _reload(self, pairs: list[tuple[str, torch.Tensor]]) -> str:
-        digest = weight_digest(pairs)
+    def _reload(self, pairs: list[tuple[str, torch.Tensor]], check: bool = True) -> str | None:
+        """Load ``pairs`` in place; with ``check`` returns the digest of what arrived (hashing every weight is
+        kept off the per-update path)."""
+        digest = weight_digest(pairs) if check else None
         if self.in_process:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pairs),
                                                               "is_checkpoint_format": True})

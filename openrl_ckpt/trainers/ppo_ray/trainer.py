@@ -151,13 +151,14 @@ class WeightSync:
         started = time.perf_counter()
         engines = [(f"vLLM engine {i}", e) for i, e in enumerate(self.groups.engines)]
         if self.how["kind"] == "group":
-            refs = self.groups.actor.submit("sync_weights")
-            refs += [(name, e.receive_weights.remote(self.specs)) for name, e in engines]
+            refs = self.groups.actor.submit("sync_weights", check)
+            refs += [(name, e.receive_weights.remote(self.specs, check)) for name, e in engines]
             results = gather(self.ray, refs)
             sent, received = results[0], results[self.groups.actor.world_size:]
         else:
-            sent = self.groups.actor.run("sync_weights")[0]
-            received = gather(self.ray, [(name, e.receive_weights_object.remote(sent["boxed"])) for name, e in engines])
+            sent = self.groups.actor.run("sync_weights", check)[0]
+            received = gather(self.ray, [(name, e.receive_weights_object.remote(sent["boxed"], check))
+                                         for name, e in engines])
         self.seconds = time.perf_counter() - started
         if check:
             wrong = [name for (name, _), digest in zip(engines, received) if digest != sent["digest"]]
@@ -228,6 +229,11 @@ class RayEngineStore:
             self.sync(check=True)
 
 
+def per_rank_shares(exp: Experience, group: RoleGroup) -> list[tuple[Experience]]:
+    """Each rank's contiguous rows of the rollout, as the leading argument of its call."""
+    return [(select(exp, shard_rows(len(exp), group.world_size, r)),) for r in range(group.world_size)]
+
+
 class RolloutMaker:
     """One rollout over the groups: generate, score each share, then advantages on the driver."""
 
@@ -256,7 +262,7 @@ class RolloutMaker:
                  if g is not None]
         refs, spans = [], []
         for group in roles:
-            shares = [(select(exp, shard_rows(len(exp), group.world_size, r)),) for r in range(group.world_size)]
+            shares = per_rank_shares(exp, group)
             spans.append((group.role, len(refs), len(refs) + group.world_size))
             refs += group.submit("forward", per_rank=shares)
         score = None
@@ -374,7 +380,7 @@ class RayPPOTrainer:
         """The actor and critic groups train on their shares of the rollout at the same time."""
         refs, spans = [], []
         for group in self.groups.trained:
-            shares = [(select(exp, shard_rows(len(exp), group.world_size, r)),) for r in range(group.world_size)]
+            shares = per_rank_shares(exp, group)
             spans.append((len(refs), len(refs) + group.world_size))
             refs += group.submit("train", step, self.maker.kl_ctl.value, per_rank=shares)
         started = time.perf_counter()

@@ -87,6 +87,7 @@ class PPOWorker:
         self.ema: Any = None
         self.ptx: Any = None
         self._staged: list[StagedWrite] = []
+        self._export: StagedWrite | None = None
 
     # ------------------------------------------------------------------ set-up
     def address(self) -> tuple[str, int]:
@@ -222,21 +223,24 @@ class PPOWorker:
 
         self._sender = WeightSender(how) if self.strategy.is_rank_0 else None
 
-    def sync_weights(self) -> dict[str, Any] | None:
+    def sync_weights(self, check: bool) -> dict[str, Any] | None:
         """Every weight of the actor, gathered (ZeRO-3: a parameter at a time, all ranks together) and sent
-        by rank 0; returns (rank 0) the digest of what it sent and, over the object store, the boxed ref."""
+        by rank 0; returns (rank 0) the digest of what it sent (with ``check``) and, over the object store,
+        the boxed ref."""
         from openrl_ckpt.trainers.ppo_ray.rollout_engine import add_to_digest, iter_full_weights
 
         sender = self._sender
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if check and sender is not None else None
         for name, tensor in iter_full_weights(self.strategy, self.engine):
             if sender is not None:
                 sender.send(name, tensor)
-                add_to_digest(digest, name, tensor)
+                if digest is not None:
+                    add_to_digest(digest, name, tensor)
         if sender is None:
             return None
         sender.close()
-        return {"digest": digest.hexdigest(), "boxed": [sender.ref] if sender.ref is not None else None}
+        return {"digest": digest.hexdigest() if digest is not None else None,
+                "boxed": [sender.ref] if sender.ref is not None else None}
 
     # ------------------------------------------------------------------ checkpoints
     def stage_checkpoint(self, staging: str, host_copy: bool, engine_files: bool, hf_weights: bool) -> None:
