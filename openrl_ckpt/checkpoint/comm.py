@@ -6,6 +6,7 @@ The manager runs unchanged in unit tests (``SingleProcessComm``) and under DeepS
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, Protocol
 
@@ -39,15 +40,16 @@ class SingleProcessComm:
 
 class TorchDistComm:
     """Collectives over a torch.distributed group: the default one (gloo on CPU, nccl on GPU), or a
-    group of its own (``private=True``: a new gloo group over all ranks), which a background thread
-    can use while the training thread runs collectives on the default group."""
+    group of its own (``private=True``: a new gloo group over all ranks, its collectives waiting
+    ``timeout``), which a background thread can use while the training thread runs collectives on the
+    default group."""
 
-    def __init__(self, private: bool = False) -> None:
+    def __init__(self, private: bool = False, timeout: datetime.timedelta | None = None) -> None:
         import torch.distributed as dist
 
         self._dist = dist
         # new_group is itself collective: every rank creates its private groups in the same order
-        self._group = dist.new_group(backend="gloo") if private else None
+        self._group = dist.new_group(backend="gloo", timeout=timeout) if private else None
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))

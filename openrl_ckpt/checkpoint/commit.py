@@ -6,8 +6,8 @@
 3. one committer calls ``commit_checkpoint``: every expected group must have reported and every
    reported file must be there with its size; files no group reported (DeepSpeed copies its
    recovery scripts beside the engine folders) are hashed by the committer; then the train state
-   and the manifest are written and fsynced, the folder is renamed to ``global_step<N>`` and
-   ``latest`` is pointed at it;
+   and the manifest are written and fsynced, the folder is renamed to ``global_step<N>`` (the
+   commit) and ``latest`` is pointed at it;
 4. ``rotate_checkpoints`` then deletes the oldest committed checkpoints beyond the limits.
 
 A crash of any process before the rename leaves only the ``.tmp-`` folder: the previous committed
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from openrl_ckpt.checkpoint.contents import CheckpointContents, GroupFiles
+from openrl_ckpt.checkpoint.faults import fault_point
 from openrl_ckpt.checkpoint.files import (
     DEL_PREFIX,
     HASH_ALGO,
@@ -122,9 +123,21 @@ def commit_checkpoint(root: Path, step: int, reports: list[GroupFiles], expected
         os.rename(final, old)
     os.rename(staging, final)
     fsync_dir(root)
-    write_file_atomic(root / LATEST, step_dir_name(step) + "\n")
     shutil.rmtree(old, ignore_errors=True)
+    point_latest(root, step)
     return final
+
+
+def point_latest(root: Path, step: int) -> None:
+    """``latest`` names the newest commit, for people and DeepSpeed's tools; resume finds checkpoints by
+    their folders and manifests, so a ``latest`` that cannot be written (a full disk) is only a warning."""
+    try:
+        fault_point("latest", step)
+        write_file_atomic(root / LATEST, step_dir_name(step) + "\n")
+    except OSError as e:
+        log.warning("checkpoint %s is committed, but %s could not be updated (%s): it names an older step until "
+                    "the next save; resume does not read it", root / step_dir_name(step), root / LATEST,
+                    e.strerror or e)
 
 
 def checkpoint_size(root: Path, step: int) -> int:

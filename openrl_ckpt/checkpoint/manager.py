@@ -177,8 +177,19 @@ class CheckpointManager:
         return sorted({p for ps in gathered for p in ps})
 
     def find_resumable(self) -> Resumed | None:
-        """The newest checkpoint that verifies, falling back past damaged ones with a warning."""
-        candidates = self.comm.broadcast_object(self.committed_steps() if self.comm.rank == 0 else None)
+        """The newest checkpoint that verifies on every storage, falling back past damaged ones with a
+        warning. On node-local storage each node lists its own checkpoints: only a step committed on every
+        node is a candidate (a node that died mid-save may lack the newest), so all ranks resume the same
+        step, never a mix."""
+        listed = self.comm.all_gather_object(self.committed_steps() if self.is_leader else None)
+        per_storage = [set(steps) for steps in listed if steps is not None]
+        everywhere = set.intersection(*per_storage) if per_storage else set()
+        candidates = sorted(everywhere, reverse=True)
+        partial = sorted({s for steps in per_storage for s in steps} - everywhere, reverse=True)
+        if partial and (not candidates or partial[0] > candidates[0]) and self.comm.rank == 0:
+            log.warning("checkpoint steps %s are committed on the storage of some nodes only (a node stopped "
+                        "before committing); resuming from the newest step every node holds%s",
+                        ", ".join(map(str, partial)), f" ({candidates[0]})" if candidates else ": none, so afresh")
         for step in candidates:
             resumed = self.load_step(step)
             if isinstance(resumed, Resumed):

@@ -118,6 +118,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "replica group); 1: off")
     bool_flag(g, "--overlap_comm", "overlap ZeRO's gradient reduction with the backward pass")
     bool_flag(g, "--full_determinism", "deterministic kernels everywhere (transformers' enable_full_determinism)")
+    g.add_argument("--collective_timeout_mins", type=float, default=10.0,
+                   help="how long a rank waits in a collective for the others before the run stops with an "
+                        "error naming the silent ranks (a dead peer is noticed at once); raise it when one rank "
+                        "does long work alone while the others wait")
 
 
 def add_ckpt_args(p: argparse.ArgumentParser, default_ckpt: str) -> None:
@@ -229,7 +233,8 @@ def strategy_config(args: argparse.Namespace) -> StrategyConfig:
                           micro_train_batch_size=args.micro_train_batch_size, train_batch_size=args.train_batch_size,
                           max_norm=args.max_norm, adam_offload=args.adam_offload,
                           grad_accum_dtype=args.grad_accum_dtype, zpg=args.zpg, overlap_comm=args.overlap_comm,
-                          full_determinism=args.full_determinism, torch_compile=args.torch_compile)
+                          full_determinism=args.full_determinism, torch_compile=args.torch_compile,
+                          collective_timeout_mins=args.collective_timeout_mins)
 
 
 def optim_config(args: argparse.Namespace, learning_rate: float | None = None) -> OptimConfig:

@@ -6,6 +6,7 @@ engine checkpoint I/O in ``engine_checkpoint.py``, Hugging Face writing and read
 
 from __future__ import annotations
 
+import datetime
 import enum
 import logging
 import math
@@ -21,8 +22,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from openrl_ckpt.checkpoint.faults import fault_point
 from openrl_ckpt.checkpoint.state import seed_everything
 from openrl_ckpt.errors import UserError
+from openrl_ckpt.strategy.build_lock import SHM_OP_NAME, clear_stale_build_lock
+from openrl_ckpt.strategy.peers import start_watch
 
 log = logging.getLogger("openrl_ckpt")
 
@@ -47,6 +51,9 @@ class StrategyConfig:
     overlap_comm: bool = False
     full_determinism: bool = False
     torch_compile: bool = False
+    # how long a rank waits in a collective for the others (--collective_timeout_mins); a dead peer is
+    # noticed sooner (its connection closes), so this bounds only a hung one
+    collective_timeout_mins: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,8 @@ class DeepspeedStrategy:
     def __init__(self, cfg: StrategyConfig) -> None:
         if cfg.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"--zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+        if cfg.collective_timeout_mins <= 0:
+            raise UserError(f"--collective_timeout_mins must be positive, got {cfg.collective_timeout_mins}")
         self.cfg = cfg
         self.world_size = 1
         self.rank = 0
@@ -120,10 +129,14 @@ class DeepspeedStrategy:
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            clear_stale_build_lock(SHM_OP_NAME)  # DeepSpeed builds its CPU all-reduce op in init_distributed
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   auto_mpi_discovery=False)
+                                   auto_mpi_discovery=False, timeout=self.collective_timeout)
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
+        start_watch(self.rank, self.world_size, self.collective_timeout)
+        fault_point("start")
         seed_everything(self.cfg.seed)
         if self.cfg.full_determinism:
             import transformers
@@ -131,6 +144,10 @@ class DeepspeedStrategy:
             transformers.enable_full_determinism(self.cfg.seed)
         self.grad_accum = self.accumulation_steps(self.world_size)
         _unlink_shm_workspace(self.rank)
+
+    @property
+    def collective_timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(minutes=self.cfg.collective_timeout_mins)
 
     def accumulation_steps(self, world_size: int) -> int:
         micro, glob = self.cfg.micro_train_batch_size, self.cfg.train_batch_size
@@ -295,6 +312,14 @@ class DeepspeedStrategy:
     def barrier(self) -> None:
         dist.barrier()
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of rank ``src`` on every rank (a picklable value: an error message, a name)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
 
 def _cpu_adam(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
     """DeepSpeedCPUAdam for --adam_offload; its C++ op is compiled on first use (then cached)."""
@@ -302,6 +327,7 @@ def _cpu_adam(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.O
 
     log.info("--adam_offload: loading DeepSpeed's CPU Adam op (compiled on first use, which can take "
              "minutes; cached in ~/.cache/torch_extensions)")
+    clear_stale_build_lock("cpu_adam")
     try:
         return DeepSpeedCPUAdam(groups, lr=optim.learning_rate, betas=optim.betas)
     except (RuntimeError, ImportError, OSError, subprocess.SubprocessError) as e:  # how a failed JIT build surfaces

@@ -10,6 +10,7 @@ changed. ``DeepspeedEngines`` bundles both for the loop's ``Checkpointer``.
 from __future__ import annotations
 
 import copy
+import datetime
 import errno
 import logging
 import os
@@ -55,17 +56,29 @@ class DeepSpeedFile:
         target = str(folder / self.path)
         try:
             self.writer.save(self.state, target)
-        except RuntimeError as e:  # torch's file writer reports a failed write this way
-            raise OSError(errno.EIO, str(e).strip().splitlines()[0][:200], target) from e
+        except RuntimeError as e:  # torch's file writer reports a failed write this way, without its errno
+            code = errno.ENOSPC if _no_room(folder) else errno.EIO
+            reason = os.strerror(code) if code == errno.ENOSPC else str(e).strip().splitlines()[0][:200]
+            raise OSError(code, reason, target) from e
         start_writeback(target)  # on disk while the next file is serialized
 
 
+def _no_room(folder: Path) -> bool:
+    """Whether the file system of ``folder`` is full (what a failed torch write most often means)."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < 1 << 20  # under 1 MiB left
+
+
 def open_checkpoint_manager(ckpt_path: str, max_ckpt_num: int, max_ckpt_mem_gb: float,
-                            background: bool = False) -> CheckpointManager:
+                            background: bool = False, timeout: datetime.timedelta | None = None) -> CheckpointManager:
     """A prepared manager over the default process group; ``background``: with a process group of its
-    own for background saves."""
+    own for background saves (whose collectives wait ``timeout``, as the default group's do)."""
+    background_comm = TorchDistComm(private=True, timeout=timeout) if background else None
     manager = CheckpointManager(ckpt_path, TorchDistComm(), max_ckpt_num=max_ckpt_num, max_ckpt_mem_gb=max_ckpt_mem_gb,
-                                background_comm=TorchDistComm(private=True) if background else None)
+                                background_comm=background_comm)
     manager.prepare()
     return manager
 
@@ -160,7 +173,15 @@ class DeepspeedEngines:
 
     def open_manager(self, ckpt_path: str, max_ckpt_num: int, max_ckpt_mem_gb: float,
                      background: bool) -> CheckpointManager:
-        return open_checkpoint_manager(ckpt_path, max_ckpt_num, max_ckpt_mem_gb, background)
+        manager = open_checkpoint_manager(ckpt_path, max_ckpt_num, max_ckpt_mem_gb, background,
+                                          timeout=self.strategy.collective_timeout)
+        if not manager.shared_storage and manager.is_leader:
+            # Node-local storage: DeepSpeed writes the model states (which every rank reads back under
+            # ZeRO-0/1/2) on data-parallel rank 0 only, so the first rank of each storage writes them too,
+            # as DeepSpeed's own use_node_local_storage does for local rank 0.
+            for engine in self.engines.values():
+                engine.save_non_zero_checkpoint = True
+        return manager
 
     def stage(self, staging: Path, *, host_copy: bool, engine_files: bool, hf_weights: bool) -> list[StagedWrite]:
         items = stage_engines(self.engines, staging, host_copy) if engine_files else []

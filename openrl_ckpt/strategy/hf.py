@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from openrl_ckpt.checkpoint.contents import StagedWrite
+from openrl_ckpt.checkpoint.faults import fault_point
 from openrl_ckpt.checkpoint.files import STEP_DIR
 from openrl_ckpt.checkpoint.inspect import HF_DIR
 from openrl_ckpt.errors import UserError
@@ -222,13 +223,19 @@ def save_model(strategy: DeepspeedStrategy, engine_or_model: Any, tokenizer: Any
     swapped in atomically (collective: every rank calls it). The periodic exports inside it
     (``global_step<N>/``, --export_steps) stay."""
     state_dict = full_state_dict(strategy, engine_or_model)
+    err = None
     if strategy.is_rank_0:
         target = Path(save_path)
         try:
+            fault_point("export")
             with atomic_folder(target, replace=True, carry=lambda name: STEP_DIR.match(name) is not None) as tmp:
                 write_hf(engine_or_model, tokenizer, tmp, state_dict)
         except OSError as e:
-            raise UserError(f"--save_path {save_path}: cannot write the model ({e.strerror or e})") from None
-        log.info("saved the Hugging Face %s to %s", "adapter" if is_peft(unwrap(engine_or_model)) else "model",
-                 target)
-    strategy.barrier()
+            err = (f"--save_path {save_path}: cannot write the model ({e.strerror or e}); nothing was written there "
+                   "and the checkpoints are intact: make room and rerun the same command, which exports again")
+        else:
+            log.info("saved the Hugging Face %s to %s", "adapter" if is_peft(unwrap(engine_or_model)) else "model",
+                     target)
+    err = strategy.broadcast_object(err)  # every rank stops on rank 0's failure, none waits for it
+    if err:
+        raise UserError(err, exit_code=1)

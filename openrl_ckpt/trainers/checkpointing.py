@@ -32,7 +32,7 @@ from openrl_ckpt.checkpoint.faults import fault_point
 from openrl_ckpt.checkpoint.files import STEP_DIR, CheckpointError, step_dir_name
 from openrl_ckpt.checkpoint.inspect import BEST_KEY, EVAL_KEY, best_checkpoint, describe
 from openrl_ckpt.checkpoint.manager import CheckpointManager, Resumed
-from openrl_ckpt.checkpoint.preemption import Preempted, StopRequests, signal_name
+from openrl_ckpt.checkpoint.preemption import Phase, Preempted, StopRequests, process_requests, signal_name
 from openrl_ckpt.checkpoint.state import TrainState, incompatibility
 from openrl_ckpt.errors import UserError
 from openrl_ckpt.strategy.deepspeed import ReduceOp
@@ -163,8 +163,10 @@ class Checkpointer:
     # ------------------------------------------------------------------ the loop's calls
     @contextlib.contextmanager
     def session(self) -> Iterator[Checkpointer]:
-        """Stop signals recorded, the checkpoint folder prepared (when the run has one), for the loop's life."""
-        with StopRequests() as stop:
+        """Stop signals recorded (a training CLI records them from its start: what came during start-up is
+        answered here too), the checkpoint folder prepared (when the run has one), for the loop's life."""
+        recorded = process_requests()
+        with contextlib.nullcontext(recorded) if recorded is not None else StopRequests() as stop:
             self._stop = stop
             try:
                 if self.cfg.checkpointing:
@@ -181,12 +183,57 @@ class Checkpointer:
         """With --load_checkpoint, the state of the newest checkpoint that verifies and can continue this
         run (with --resume_from, the chosen one), its engines and parts loaded; otherwise ``state`` itself
         (a fresh start, said in the log)."""
+        assert self._stop is not None, "resume runs inside session()"
+        self._stop.phase = Phase.RESUME
         resumed = self._find_resumable()
         if resumed is not None:
             state = self._load(resumed, state)
         self._last_saved = state.global_step if state.global_step > 0 else -1
+        self._stop_before_training(state, resumed)
+        self._stop.phase = Phase.TRAINING
         self._last_save_time = time.monotonic()  # rank 0's clock decides --save_interval_mins for all ranks
         return state
+
+    def _stop_code(self) -> float:
+        """This rank's stop request as one number, so that the MAX over ranks reports one rank's signal
+        and phase together (0: none)."""
+        stop = self._stop
+        assert stop is not None
+        if stop.signum is None:
+            return 0.0
+        phase = stop.phase_at_signal or stop.phase
+        return float((self.strategy.rank + 1) * 10_000 + stop.signum * 100 + list(Phase).index(phase))
+
+    @staticmethod
+    def _stopped_by(code: float) -> str | None:
+        """``SIGTERM on rank 1 during start-up`` from an agreed stop code, None for 0."""
+        agreed = int(code)
+        if not agreed:
+            return None
+        rank, signum, phase = agreed // 10_000 - 1, agreed // 100 % 100, list(Phase)[agreed % 100]
+        return f"{signal_name(signum)} on rank {rank} during {phase.value}"
+
+    def _agreed_stop(self) -> str | None:
+        """Collective: who asked to stop, on any rank, or None."""
+        return self._stopped_by(self.strategy.all_reduce({"stop": self._stop_code()}, op=ReduceOp.MAX)["stop"])
+
+    def _stop_before_training(self, state: TrainState, resumed: Resumed | None) -> None:
+        """A stop that came during start-up or resume is answered before the first step: nothing new to
+        save, so the run says where a rerun starts and exits 0."""
+        stopped_by = self._agreed_stop()
+        if stopped_by is None:
+            return
+        if resumed is not None:
+            where = f"a rerun of the same command resumes from {resumed.path} (step {state.global_step})"
+        elif self.manager is not None and self.cfg.load_checkpoint:
+            where = "no checkpoint yet: a rerun of the same command starts afresh"
+        else:
+            where = "a rerun of the same command starts afresh"
+        msg = (f"stopped by {stopped_by}, before step {state.global_step + 1}/{self.total_steps}: nothing new to "
+               f"save; {where}")
+        if self.strategy.is_rank_0:
+            log.info("%s", msg)
+        raise Preempted(msg, resumed.path if resumed is not None else None, exit_code=0)
 
     def after_step(self, state: TrainState, evaluate: Callable[[], None] | None = None,
                    epoch_end: bool = False) -> str | None:
@@ -206,15 +253,14 @@ class Checkpointer:
                            and now - self._last_export_time >= cfg.export_interval_mins * 60)
         manager = self.manager
         trigger = Path(cfg.ckpt_path) / SAVE_NOW_FILE
-        agreed = strategy.all_reduce({"stop_rank": float(strategy.rank + 1) if stop.requested else 0.0,
-                                      "signal": float(stop.signum or 0), "time_due": float(time_due),
+        agreed = strategy.all_reduce({"stop": self._stop_code(), "time_due": float(time_due),
                                       "save_failed": float(manager is not None and manager.background_failed()),
                                       "save_rank": float(strategy.rank + 1) if stop.save_requested else 0.0,
                                       "save_file": float(strategy.is_rank_0 and trigger.exists()),
                                       "export_time_due": float(export_time_due)},
                                      op=ReduceOp.MAX)
-        if agreed["stop_rank"]:
-            stopped_by = f"{signal_name(int(agreed['signal']))} on rank {int(agreed['stop_rank']) - 1}"
+        stopped_by = self._stopped_by(agreed["stop"])
+        if stopped_by is not None:
             if strategy.is_rank_0:
                 log.info("stop requested (%s): step %d/%d is done, saving a checkpoint and exiting", stopped_by,
                          state.global_step, self.total_steps)
@@ -226,25 +272,39 @@ class Checkpointer:
         requested = self._save_request(agreed, trigger, state)
         cadence = ((cfg.save_steps > 0 and state.global_step % cfg.save_steps == 0)
                    or (epoch_end and cfg.save_epochs > 0 and state.epoch % cfg.save_epochs == 0))
-        if manager is not None and (cadence or agreed["time_due"] or requested):
+        saved = manager is not None and (cadence or agreed["time_due"] or requested)
+        if saved:
             self.save(state)
         if requested and strategy.is_rank_0:
             trigger.unlink(missing_ok=True)  # answered (a failed save is logged; ask again to retry)
         export_cadence = ((cfg.export_steps > 0 and state.global_step % cfg.export_steps == 0)
                           or (epoch_end and cfg.export_epochs > 0 and state.epoch % cfg.export_epochs == 0))
-        if self.exports is not None and (export_cadence or agreed["export_time_due"]):
+        exported = self.exports is not None and (export_cadence or agreed["export_time_due"])
+        if exported:
             self.export(state.global_step)
+        if saved or exported:
+            # A stop that came while saving or exporting is answered now, not one step later: the
+            # checkpoint of this step is there already (or its failed save is saved again).
+            stopped_by = self._agreed_stop()
+            if stopped_by is not None:
+                if strategy.is_rank_0:
+                    log.info("stop requested (%s): step %d/%d is done, exiting after its checkpoint", stopped_by,
+                             state.global_step, self.total_steps)
+                return stopped_by
         return None
 
     def export(self, step: int) -> None:
         """A model export of this step (collective), under --async_save written in the background; a failed
         one follows --ckpt_on_error like a failed save."""
-        assert self.exports is not None
+        assert self.exports is not None and self._stop is not None
         self._last_export_time = time.monotonic()
+        self._stop.phase = Phase.EXPORT
         try:
             self.exports.write(step, self.engines.stage_export())
         except CheckpointError as e:
             self._save_failed(e, must_commit=False)
+        finally:
+            self._stop.phase = Phase.TRAINING
 
     def _wait_exports(self) -> None:
         if self.exports is None:
@@ -283,6 +343,8 @@ class Checkpointer:
             self.save(state)
         if self.manager is not None:
             self._wait(must_commit=False)
+        assert self._stop is not None
+        self._stop.phase = Phase.FINAL_EXPORT  # what the CLI does next; a stop then is answered after it
 
     def record_eval(self, step: int, metrics: dict[str, float]) -> None:
         """An evaluation's result, for --save_best_metric (a checkpoint at this step records it)."""
@@ -345,6 +407,7 @@ class Checkpointer:
             raise UserError(f"--load_checkpoint: {resumed.path} was saved on {saved_on} ranks and this run has "
                             f"{world_size}; converting it needs every rank's files, but --ckpt_path is on node-local "
                             f"storage: resume on {saved_on} ranks or use shared storage")
+        fault_point("resume", resumed.step)
         self.engines.load(resumed)
         loaded = resumed.state
         loaded.world_size = world_size
@@ -367,6 +430,8 @@ class Checkpointer:
         self._wait(must_commit=False)  # a failed background save: stop, or go on and save again now
         state.extra[self.algorithm] = self.algorithm_state.state_dict()
         strategy = self.strategy
+        assert self._stop is not None
+        phase, self._stop.phase = self._stop.phase, Phase.SAVE
         meta = dict(self.meta, algorithm=self.algorithm, zero_stage=strategy.zero_stage,
                     global_batch_size=strategy.global_batch_size, world_size=strategy.world_size,
                     model_fingerprint=state.model_fingerprint, epoch=state.epoch,
@@ -386,6 +451,7 @@ class Checkpointer:
             return None
         finally:
             self._last_save_time = time.monotonic()  # a failed save also waits for the next one
+            self._stop.phase = phase
         self._last_saved = state.global_step
         return path
 
@@ -422,7 +488,11 @@ class Checkpointer:
             if self.strategy.is_rank_0:
                 log.error("%s", msg)
             raise Preempted(msg, None)
-        path = self.save(state, must_commit=True)
+        if self._last_saved == state.global_step:  # saved at this step already (the stop came during it)
+            self._wait(must_commit=True)
+            path = self.manager.root / step_dir_name(state.global_step)
+        else:
+            path = self.save(state, must_commit=True)
         count = self._stop.count
         extra = f" ({count} stop signals on this rank; the save went on unchanged)" if count > 1 else ""
         msg = (f"preempted by {stopped_by}: checkpoint {path} committed at step {state.global_step}/"

@@ -204,7 +204,8 @@ def test_stop_request_commits_at_the_step_boundary_and_the_resumed_run_ends_bitw
     reference.fit()
 
     trainer, algorithm, _ = make_trainer(cfg, global_batch=4, epochs=2, stop_at_call=14)
-    with pytest.raises(Preempted, match=r"preempted by SIGTERM on rank 0: checkpoint .*global_step4 committed at "
+    with pytest.raises(Preempted, match=r"preempted by SIGTERM on rank 0 during training: checkpoint .*global_step4 "
+                                        r"committed at "
                                         r"step 4/6") as stopped:
         trainer.fit()
     assert stopped.value.exit_code == 0 and committed_steps(tmp_path / "ckpt") == [4]
@@ -217,6 +218,72 @@ def test_stop_request_commits_at_the_step_boundary_and_the_resumed_run_ends_bitw
         "every sample once, in the uninterrupted order"
     for name, value in weights(reference_engine).items():
         assert torch.equal(weights(resumed_engine)[name], value), name
+
+
+def test_stop_during_start_up_is_answered_before_the_first_step(tmp_path, monkeypatch):
+    """A training CLI records signals from its first import; one that came during start-up (model
+    loading, say) stops the run before its first step: nothing new to save, exit 0."""
+    from openrl_ckpt.checkpoint import preemption
+
+    early = preemption.StopRequests()  # recorded, not installed: the test process keeps its handlers
+    early._handle(signal.SIGTERM, None)
+    monkeypatch.setattr(preemption, "_process_requests", early)
+    trainer, algorithm, _ = make_trainer(CheckpointConfig(str(tmp_path / "ckpt"), save_steps=2, load_checkpoint=True))
+    with pytest.raises(Preempted, match=r"stopped by SIGTERM on rank 0 during start-up, before step 1/5: nothing "
+                                        r"new to save; no checkpoint yet: a rerun of the same command starts "
+                                        r"afresh") as stopped:
+        trainer.fit()
+    assert stopped.value.exit_code == 0 and algorithm.calls == 0 and committed_steps(tmp_path / "ckpt") == []
+
+
+class SignalledStore(WeightsStore):
+    """A store that receives SIGTERM while it loads a checkpoint or stages one of ``at_save_step``."""
+
+    def __init__(self, engine: StandInEngine, during: str, at_save_step: int = 0) -> None:
+        super().__init__(engine)
+        self.during, self.at_save_step, self.saves = during, at_save_step, 0
+
+    def load(self, resumed: Resumed) -> None:
+        if self.during == "resume":
+            os.kill(os.getpid(), signal.SIGTERM)
+        super().load(resumed)
+
+    def stage(self, staging: Path, *, host_copy: bool, engine_files: bool, hf_weights: bool) -> list[StagedWrite]:
+        if self.during == "save" and staging.name.endswith(f"global_step{self.at_save_step}"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().stage(staging, host_copy=host_copy, engine_files=engine_files, hf_weights=hf_weights)
+
+
+def test_stop_during_a_save_or_a_resume_is_answered_at_once_and_the_rerun_ends_bitwise_equal(tmp_path):
+    """SIGTERM while step 2 is saved: the save completes and the run stops right after it (not one step
+    later). SIGTERM while the rerun loads that checkpoint: it stops before its first step. The third run
+    ends with the uninterrupted run's weights."""
+    cfg = CheckpointConfig(str(tmp_path / "ckpt"), save_steps=2, load_checkpoint=True, max_ckpt_num=10)
+    reference, _, reference_engine = make_trainer(replace(cfg, ckpt_path=str(tmp_path / "reference")))
+    reference.fit()
+
+    def trainer_with(**signalled: Any) -> tuple[Trainer, StandInEngine]:
+        trainer, _, engine = make_trainer(cfg)
+        if signalled:
+            trainer.checkpointer.engines = SignalledStore(engine, **signalled)
+        return trainer, engine
+
+    saving, _ = trainer_with(during="save", at_save_step=2)
+    with pytest.raises(Preempted, match=r"preempted by SIGTERM on rank 0 during a checkpoint save: checkpoint "
+                                        r".*global_step2 committed at step 2/5") as stopped:
+        saving.fit()
+    assert stopped.value.exit_code == 0 and committed_steps(tmp_path / "ckpt") == [2]
+
+    resuming, _ = trainer_with(during="resume")
+    with pytest.raises(Preempted, match=r"stopped by SIGTERM on rank 0 during resume, before step 3/5: nothing new "
+                                        r"to save; a rerun of the same command resumes from .*global_step2") as again:
+        resuming.fit()
+    assert again.value.exit_code == 0 and committed_steps(tmp_path / "ckpt") == [2]
+
+    finishing, engine = trainer_with()
+    assert finishing.fit().global_step == 5
+    for name, value in weights(reference_engine).items():
+        assert torch.equal(weights(engine)[name], value), name
 
 
 def test_stop_request_without_a_checkpoint_folder_exits_non_zero(tmp_path):
