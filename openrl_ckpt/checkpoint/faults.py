@@ -21,6 +21,7 @@ that dies mid-run).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
@@ -62,7 +63,8 @@ def fault_point(name: str, step: int | None = None) -> None:
             _fill(f"{action.split('=', 1)[1]}.{os.getpid()}")
         elif action.startswith("unfill="):
             for path in glob.glob(glob.escape(action.split("=", 1)[1]) + ".*"):
-                os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):  # another rank made the same room
+                    os.unlink(path)
         elif action.startswith("raise="):
             code = getattr(errno, action.split("=", 1)[1])
             raise OSError(code, f"{os.strerror(code)} (injected at {name})")

@@ -5,9 +5,12 @@ loopback network, launched as users launch multi-node jobs: ``deepspeed --hostfi
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +71,20 @@ class TwoNodes:
         return [node.finish(timeout) for node in self.nodes]
 
     def kill_node(self, node: int) -> float:
-        """SIGKILL every process of one node at once, as a power loss would; returns when (monotonic)."""
-        self.nodes[node].signal_all(9)
+        """SIGKILL every process of one node at once, as a power loss would (every process in its UTS
+        namespace: torchrun starts its workers in sessions of their own); returns when (monotonic)."""
+        namespace = os.readlink(f"/proc/{self.nodes[node].proc.pid}/ns/uts")
+        assert namespace != os.readlink("/proc/self/ns/uts"), "the node runs in a namespace of its own"
+        for pid in _pids_in(namespace):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         return time.monotonic()
+
+
+def _pids_in(uts_namespace: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(entry / "ns" / "uts") == uts_namespace:
+                pids.append(int(entry.name))
+    return pids

@@ -12,14 +12,27 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from launch import (
+    REPO,
+    Live,
+    assert_bitwise_equal,
+    committed,
+    env,
+    launch_cmd,
+    no_traceback,
+    one_line,
+    run,
+    sft_args,
+    weights,
+)
 from launch import SFT_MODULE as MODULE
 from launch import SFT_STEPS as TOTAL
-from launch import Live, assert_bitwise_equal, committed, launch_cmd, no_traceback, one_line, run, sft_args, weights
 
 pytestmark = pytest.mark.slow
 
@@ -185,3 +198,72 @@ def test_resume_on_one_rank_then_on_two_keeps_every_sample_once(tmp_path, refere
     # the reference (a lost optimizer state would be off by the order of the learning rate, 5e-4).
     ref_w, got = weights(reference / "out"), weights(out)
     assert max(float((ref_w[k] - got[k]).abs().max()) for k in ref_w) < 1e-5
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MB tmpfs: a real file system that fills up (needs root; skipped where mounts are refused)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_real_full_disk_at_each_write_then_room_made_and_a_stale_build_lock(small_disk, reference, tiny_model_dir,
+                                                                             sft_data):
+    """Checkpoints and the export on a small tmpfs that a fault point fills to the byte at one moment of a
+    save (the engine files, the manifest, the latest pointer) and before the final export; the next step
+    makes room again. A build lock left by a killed build of DeepSpeed's CPU op waits in front of it."""
+    from openrl_ckpt.strategy.build_lock import SHM_OP_NAME, extension_dir
+
+    lock = extension_dir(SHM_OP_NAME) / "lock"
+    lock.touch()  # what a build killed midway leaves: the file, and no process holding it
+    ckpt, out, filler = small_disk / "ckpt", small_disk / "out", small_disk / "filler"
+    faults = ",".join([f"write@4:fill={filler}", f"step@5:unfill={filler}",
+                       f"before_commit@8:fill={filler}", f"step@9:unfill={filler}",
+                       f"latest@12:fill={filler}", f"step@13:unfill={filler}",
+                       f"export:fill={filler}"])
+    args = sft_args(tiny_model_dir, sft_data, ckpt, out, "--save_steps", "4", "--max_ckpt_num", "2",
+                    "--ckpt_on_error", "continue")
+    first = run(launch_cmd(MODULE, args), OPENRL_FAULT=faults)
+    no_traceback(first.output)
+    assert not lock.exists() and "removed a stale build lock" in one_line(first.output, str(lock))
+    engines = one_line(first.output, "global_step4")
+    assert "No space left on device" in engines and "training goes on (--ckpt_on_error continue)" in engines
+    manifest = one_line(first.output, ".tmp-global_step8")
+    assert "cannot commit" in manifest and "No space left on device" in manifest
+    latest = one_line(first.output, "could not be updated")
+    assert "global_step12 is committed" in latest and "No space left on device" in latest
+    # the final export: one line, exit 1, nothing half-written beside --save_path, the checkpoints intact
+    assert first.returncode == 1
+    export = one_line(first.output, "error: --save_path")
+    assert "No space left on device" in export and "rerun the same command" in export
+    assert not out.exists() and not [p for p in small_disk.iterdir() if p.name.startswith(".out")]
+    assert committed(ckpt) == ["global_step20", "global_step24"]
+    verify = subprocess.run([sys.executable, "-m", "openrl_ckpt.cli.ckpt", "verify", str(ckpt)], capture_output=True,
+                            text=True, cwd=REPO, env=env())
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    # room made: the same command resumes the finished run and only exports
+    for f in small_disk.glob("filler.*"):
+        f.unlink()
+    second = run(launch_cmd(MODULE, args))
+    assert second.returncode == 0, second.output[-3000:]
+    assert "step 24/24" in one_line(second.output, "resumed from")
+    assert_bitwise_equal(weights(reference / "out"), weights(out))
+
+
+def test_a_hung_rank_ends_the_run_after_the_collective_timeout(tmp_path, tiny_model_dir, sft_data):
+    """One rank stops answering (it sleeps at the boundary of step 2); the other waits
+    --collective_timeout_mins 0.1 (6 s), not 10 minutes, and says so in one line."""
+    args = sft_args(tiny_model_dir, sft_data, tmp_path / "ckpt", tmp_path / "out", "--collective_timeout_mins", "0.1")
+    res = run(launch_cmd(MODULE, args), OPENRL_FAULT=f"step@2:sleep=12:once={tmp_path / 'hung'}")
+    assert res.returncode != 0
+    line = one_line(res.output, "within --collective_timeout_mins 0.1")
+    assert line.startswith("error: ") and "heartbeat goes on" in line

@@ -139,4 +139,4 @@ def test_node_local_storage_over_torchrun_a_lost_node_and_storages_that_disagree
     # `ckpt list` on each node: the same checkpoints, all valid, at the same data position
     listings = [ckpt_listing(disk) for disk in storage]
     assert listings[0] == listings[1] and all(valid for _, valid, _ in listings[0]), listings
-    assert [step for step, _, _ in listings[0]] == [24, 20, 15, 10, 5]
+    assert [step for step, _, _ in listings[0]] == [5, 10, 15, 20, 24]
