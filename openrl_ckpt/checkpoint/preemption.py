@@ -74,9 +74,11 @@ class StopRequests:
         self.save_requested = True
 
     def install(self) -> StopRequests:
+        """Set the handlers (again, when installed already: the handlers first replaced are kept)."""
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
-            self._previous[SAVE_SIGNAL] = signal.signal(SAVE_SIGNAL, self._handle_save)
+            previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+            previous[SAVE_SIGNAL] = signal.signal(SAVE_SIGNAL, self._handle_save)
+            self._previous = self._previous or previous
         return self
 
     def uninstall(self) -> None:

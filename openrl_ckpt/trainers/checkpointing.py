@@ -166,6 +166,8 @@ class Checkpointer:
         """Stop signals recorded (a training CLI records them from its start: what came during start-up is
         answered here too), the checkpoint folder prepared (when the run has one), for the loop's life."""
         recorded = process_requests()
+        if recorded is not None:
+            recorded.install()  # again: a library may have set its own handlers since (ray.init does)
         with contextlib.nullcontext(recorded) if recorded is not None else StopRequests() as stop:
             self._stop = stop
             try:
