@@ -41,20 +41,16 @@ class PeerWatch:
         self.hosts = [str(h) for h in gathered]
         self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                     timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
-        self._stop = threading.Event()
         threading.Thread(target=self._beat, name="openrl-heartbeat", daemon=True).start()
 
     def _beat(self) -> None:
         key = _KEY.format(self.rank)
-        while not self._stop.is_set():
+        while True:  # for the life of the process (a daemon thread)
             try:
                 self._store.add(key, 1)
             except Exception:  # the store's host is gone: nothing to beat into; describe_failure says so
                 return
-            self._stop.wait(BEAT_SECONDS)
-
-    def close(self) -> None:
-        self._stop.set()
+            time.sleep(BEAT_SECONDS)
 
     def silent_ranks(self) -> tuple[list[int], list[int]] | None:
         """(ranks whose heartbeat stopped, ranks that beat): every other rank is in one of them; None when
@@ -81,10 +77,14 @@ _watch: PeerWatch | None = None
 
 
 def start_watch(rank: int, world_size: int, timeout: datetime.timedelta) -> None:
-    """Collective, right after the process group is up (a world of one has no peers to lose)."""
+    """Collective, right after the process group is up (a world of one has no peers to lose). Without a
+    reachable store (a process group set up another way) failures are still one line, without names."""
     global _watch
     if world_size > 1 and _watch is None:
-        _watch = PeerWatch(rank, world_size, timeout)
+        try:
+            _watch = PeerWatch(rank, world_size, timeout)
+        except (KeyError, ValueError, RuntimeError) as e:
+            log.warning("no heartbeat for this run (%s): a lost peer will not be named", e)
 
 
 def is_collective_failure(error: BaseException) -> bool:
