@@ -1,13 +1,15 @@
 """Soak test of the kill -9 / resume promise: kill a 2-rank run at a random moment, rerun it, compare weights.
 
-    python bench/soak_kill.py --job sft|ppo --zero_stage 2|3 --trials N --seed S [--out file.json] [--keep]
+    python bench/soak_kill.py --job sft|ppo --zero_stage 2|3 --trials N --seed S [--window run|training]
+        [--out file.json] [--keep]
 
 One uninterrupted reference run first, launched as users launch it (``deepspeed --num_gpus 2 --master_port
 <free> --module openrl_ckpt.cli.train_sft ...`` or ``train_ppo``, DeepSpeed's CPU accelerator) and timed:
 its wall time T from launch to exit. Then N trials, each with its own fresh --ckpt_path and --save_path:
 1. the same command, SIGKILLed as a whole process group (launcher and both ranks, as a node failure would)
    at a moment drawn uniformly from [0, T), so start-up, model load, steps, saves and the final export are
-   all hit in proportion to the time they take;
+   all hit in proportion to the time they take (``--window training``: from the moment rank 0 says where
+   training starts, so steps, saves and the final export are hit more often);
 2. the same command again, not killed, until it exits 0 (at most --max_reruns tries);
 3. the final --save_path weights (and PPO's critic export) compared with the reference's, bit for bit.
 A trial's run keeps its --master_port across the kill and the reruns, as a user's rerun would.
@@ -157,6 +159,7 @@ class Launch:
     output: str
     killed_at_s: float | None = None  # None: not killed (it ended on its own first)
     stragglers: int = 0  # processes of its group still alive after the kill
+    loop_start_s: float | None = None  # when rank 0 said where training starts (fresh or resumed)
 
 
 def group_alive(pgid: int) -> bool:
@@ -177,12 +180,15 @@ def launch(cmd: list[str], log_file: Path, *, kill_after_s: float | None = None,
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                                 env=run_env(), start_new_session=True)
         chunks: list[str] = []
+        loop_start: list[float] = []
 
         def read() -> None:  # a thread, so the kill lands on time whatever the run prints
             assert proc.stdout is not None
             for line in proc.stdout:
                 chunks.append(line)
                 log.write(line)
+                if not loop_start and LOOP_START.search(line):
+                    loop_start.append(time.monotonic() - started)
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
@@ -206,7 +212,8 @@ def launch(cmd: list[str], log_file: Path, *, kill_after_s: float | None = None,
         reader.join(timeout=10)
     timed_out = killed_at is not None and not planned_kill
     return Launch(exit_code=None if timed_out else proc.returncode, wall_s=time.monotonic() - started,
-                  output="".join(chunks), killed_at_s=None if timed_out else killed_at, stragglers=stragglers)
+                  output="".join(chunks), killed_at_s=None if timed_out else killed_at, stragglers=stragglers,
+                  loop_start_s=loop_start[0] if loop_start else None)
 
 
 # ---------------------------------------------------------------------------------------------- reading logs
@@ -383,8 +390,10 @@ class SoakError(RuntimeError):
 
 
 def soak(job: str, zero_stage: int, trials: int, seed: int, workdir: Path, *, max_reruns: int = 3,
-         echo: bool = False) -> SoakResult:
-    """The reference run, then ``trials`` kill -9 / rerun / compare trials, all under ``workdir``."""
+         echo: bool = False, window: str = "run") -> SoakResult:
+    """The reference run, then ``trials`` kill -9 / rerun / compare trials, all under ``workdir``. ``window``:
+    the kill moment is uniform over the whole run (``run``: launch to exit) or over its training (``training``:
+    from the moment rank 0 says where training starts to the exit: steps, saves and the final export)."""
     workdir = Path(workdir)
     say = print if echo else (lambda *_args, **_kw: None)
     spec = job_spec(job, zero_stage, build_assets(job, workdir / "assets"))
@@ -399,6 +408,11 @@ def soak(job: str, zero_stage: int, trials: int, seed: int, workdir: Path, *, ma
     say(f"reference run: {ref.wall_s:.1f} s, checkpoints at steps {reference_steps}", flush=True)
     # launch to exit; under load a trial's run may take longer, so its last seconds are hit less often
     window_s = ref.wall_s
+    window_start_s = 0.0
+    if window == "training":
+        if ref.loop_start_s is None:
+            raise SoakError("the reference run never said where training starts")
+        window_start_s = ref.loop_start_s
     draw = random.Random(seed)
     timeout_s = max(300.0, 8 * window_s)
 
@@ -409,7 +423,7 @@ def soak(job: str, zero_stage: int, trials: int, seed: int, workdir: Path, *, ma
         trial_dir.mkdir(parents=True, exist_ok=True)
         ckpt, out = trial_dir / "ckpt", trial_dir / "out"
         cmd = launch_command(spec, free_port(), ckpt, out)  # one port per trial: the rerun is the same command
-        kill_at = draw.uniform(0, window_s)
+        kill_at = draw.uniform(window_start_s, window_s)
         killed = launch(cmd, trial_dir / "killed.log", kill_after_s=kill_at, timeout_s=timeout_s)
         kind, phase, last = kill_phase(killed.output, spec.save_steps, len(spec.exports))
         if killed.killed_at_s is None:
@@ -519,6 +533,9 @@ def main() -> int:
     parser.add_argument("--max_reruns", type=int, default=3, help="reruns after the kill before a trial fails")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, checkpoints, models)")
+    parser.add_argument("--window", choices=["run", "training"], default="run",
+                        help="kill moments uniform over the whole run (launch to exit), or over its training only "
+                             "(steps, saves, the final export), which start-up otherwise dominates")
     args = parser.parse_args()
 
     from transformers.utils import logging as transformers_logging
@@ -529,7 +546,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix=f"soak_kill-{args.job}-z{args.zero_stage}-"))
     try:
         result = soak(args.job, args.zero_stage, args.trials, args.seed, workdir, max_reruns=args.max_reruns,
-                      echo=True)
+                      echo=True, window=args.window)
     finally:
         if args.keep:
             print(f"work folder kept: {workdir}")
