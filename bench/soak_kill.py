@@ -366,6 +366,7 @@ class SoakResult:
     reference_wall_s: float
     reference_steps: list[int]  # checkpoints the reference committed, rotation included
     trials: list[Trial]
+    window: str = "run"  # what the kill moments were drawn over: the whole run, or its training
 
     @property
     def equal_share(self) -> float:
@@ -476,7 +477,7 @@ def soak(job: str, zero_stage: int, trials: int, seed: int, workdir: Path, *, ma
         say(f"trial {index}/{trials}: killed at {kill_at:.1f} s ({phase}), "
             f"{'bitwise equal' if trial.bitwise_equal else 'NOT equal'}"
             f"{'' if failure is None else ', FAILED: ' + failure} ({trial.wall_s:.0f} s)", flush=True)
-    return SoakResult(job, zero_stage, seed, round(ref.wall_s, 2), reference_steps, results)
+    return SoakResult(job, zero_stage, seed, round(ref.wall_s, 2), reference_steps, results, window)
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -489,7 +490,8 @@ def resumed_text(trial: Trial) -> str:
 
 def summary(result: SoakResult) -> str:
     rows = [f"soak_kill: {result.job} ZeRO-{result.zero_stage}, {len(result.trials)} trial(s), seed {result.seed}; "
-            f"reference {result.reference_wall_s:.1f} s, checkpoints at steps {result.reference_steps}", ""]
+            f"reference {result.reference_wall_s:.1f} s, checkpoints at steps {result.reference_steps}, kill moments "
+            f"over the {'whole run' if result.window == 'run' else 'training'}", ""]
     header = (f"{'trial':>5}  {'kill s':>6}  {'phase':<32} {'committed':<12} {'reruns':<8} {'resumed':<8} "
               f"{'equal':<5} {'max|diff|':>9}  {'trial s':>7}")
     rows += [header, "-" * len(header)]
