@@ -231,8 +231,9 @@ def save_model(strategy: DeepspeedStrategy, engine_or_model: Any, tokenizer: Any
             with atomic_folder(target, replace=True, carry=lambda name: STEP_DIR.match(name) is not None) as tmp:
                 write_hf(engine_or_model, tokenizer, tmp, state_dict)
         except OSError as e:
+            fix = "make room" if e.errno == errno.ENOSPC else "fix that"
             err = (f"--save_path {save_path}: cannot write the model ({e.strerror or e}); nothing was written there "
-                   "and the checkpoints are intact: make room and rerun the same command, which exports again")
+                   f"and the checkpoints are intact: {fix} and rerun the same command, which exports again")
         else:
             log.info("saved the Hugging Face %s to %s", "adapter" if is_peft(unwrap(engine_or_model)) else "model",
                      target)
