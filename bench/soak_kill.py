@@ -10,7 +10,8 @@ its wall time T from launch to exit. Then N trials, each with its own fresh --ck
    at a moment drawn uniformly from [0, T), so start-up, model load, steps, saves and the final export are
    all hit in proportion to the time they take (``--window training``: from the moment rank 0 says where
    training starts, so steps, saves and the final export are hit more often);
-2. the same command again, not killed, until it exits 0 (at most --max_reruns tries);
+2. the same command again, not killed, until it exits 0 with its model written (at most --max_reruns
+   tries; exit 0 without the model is a handled stop signal, as after a preemption);
 3. the final --save_path weights (and PPO's critic export) compared with the reference's, bit for bit.
 A trial's run keeps its --master_port across the kill and the reruns, as a user's rerun would.
 
@@ -443,7 +444,9 @@ def soak(job: str, zero_stage: int, trials: int, seed: int, workdir: Path, *, ma
             reruns.append(Rerun(rerun.exit_code, round(rerun.wall_s, 2), info.resumed_from, info.resumed_step,
                                 info.started_fresh, info.damaged,
                                 None if rerun.exit_code == 0 else tail(rerun.output)))
-            if rerun.exit_code == 0:
+            # exit 0 is also a handled stop (a preemption signal before the end): done only with the model written
+            written = all(any(Path(f"{out}{suffix}").glob("*.safetensors")) for suffix in spec.exports)
+            if rerun.exit_code == 0 and written:
                 break
 
         expected = committed[-1] if committed else None
