@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from forked import run_module
 from launch import assert_bitwise_equal, committed, launch_cmd, run, weights
 from test_sft_errors import assert_one_error
 
@@ -58,7 +59,7 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_model_dir, sft
 
     build_tiny_tokenizer(str(tmp_path / "tok"), example_texts(), vocab_size=300)
     teacher = build_tiny_model(str(tmp_path / "teacher"), str(tmp_path / "tok"))
-    res = run(launch_cmd(MODULE, kd_args(tiny_model_dir, teacher, sft_data, tmp_path / "ckpt", tmp_path / "out"),
-                         ranks=0), timeout=180)
+    res = run_module(MODULE, kd_args(tiny_model_dir, teacher, sft_data, tmp_path / "ckpt", tmp_path / "out"),
+                     timeout=180)  # one process, forked from this one
     assert_one_error(res, f"--teacher_model {teacher}: its tokenizer differs from --pretrain's",
                      "vocabulary sizes 512 and 300")
