@@ -6,7 +6,7 @@ For one-process runs (``launch_cmd(..., ranks=0)``) whose point is what the CLI 
 error paths above all. Runs of several ranks stay real ``deepspeed`` launches (launch.py).
 
 One difference from a process of its own: the child ends with ``os._exit``, so ``atexit`` handlers do not
-run (it inherited pytest's, which must not); a finished multi-rank CLI run skips them the same way
+run (it inherited pytest's, which must not); a CLI run that finished with a process group skips them too
 (``cli/entry.py``). Modules imported here were imported with this process's environment (conftest.py
 and scripts/test.sh set the offline and CPU flags launch.env passes on).
 """
