@@ -2,7 +2,10 @@
 (one rank runs a dummy batch) write every selected prompt exactly best_of_n times, in order, and the
 very same file as one process without ZeRO. rm: rewards match the reward model run here, and each
 post-processor picks what it should. Bad inputs are one-line errors with their exit status. And
-generate() on a ZeRO-3 training engine (the PPO use) samples what one process samples."""
+generate() on a ZeRO-3 training engine (the PPO use) samples what one process samples.
+
+Runs of 2 ranks are real ``deepspeed`` launches; one-process runs are ``python -m`` forked from this
+process (forked.py: the same run, without paying the imports each time)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked import run_module
 from launch import DATA, launch_cmd, run
 
 pytestmark = pytest.mark.slow
@@ -53,7 +57,7 @@ def test_generate_on_two_ranks_zero3_gives_the_file_contract_and_the_one_process
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two.jsonl"]  # no temp or shard files left
 
     # the same seed in one process without ZeRO: the same micro batches with the same seeds, the same file
-    one = run(launch_cmd(MODULE, [*common, "--output_path", str(tmp_path / "one.jsonl")], ranks=0))
+    one = run_module(MODULE, [*common, "--output_path", str(tmp_path / "one.jsonl")])
     assert one.returncode == 0, one.output[-3000:]
     assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
 
@@ -110,8 +114,8 @@ def test_rm_scores_and_each_post_processor(tmp_path, reward_models, answers):
     assert [b["reward"] for b in best] == pytest.approx([raw[i] for i in picks], abs=1e-5)
 
     # ca (csft) in one process: every row, its reward written into the input by the template
-    ca = run(launch_cmd(MODULE, args(reward_models["raw"], "ca.jsonl", "--post_processor", "csft",
-                                     "--reward_template", "{input}[score {reward:.3f}] "), ranks=0))
+    ca = run_module(MODULE, args(reward_models["raw"], "ca.jsonl", "--post_processor", "csft",
+                                 "--reward_template", "{input}[score {reward:.3f}] "))
     assert ca.returncode == 0, ca.output[-3000:]
     conditioned = read_jsonl(tmp_path / "ca.jsonl")
     assert [c["reward"] for c in conditioned] == pytest.approx(raw, abs=1e-5)
@@ -120,8 +124,8 @@ def test_rm_scores_and_each_post_processor(tmp_path, reward_models, answers):
     assert [c["output"] for c in conditioned] == [r["output"] for r in rows]
 
     # iter_dpo with the model's stored mean/std applied: best against worst, two inputs dropped
-    dpo = run(launch_cmd(MODULE, args(reward_models["normalized"], "pairs.jsonl", "--post_processor", "iter_dpo",
-                                      "--normalize_reward"), ranks=0))
+    dpo = run_module(MODULE, args(reward_models["normalized"], "pairs.jsonl", "--post_processor", "iter_dpo",
+                                  "--normalize_reward"))
     assert dpo.returncode == 0, dpo.output[-3000:]
     assert "4 pairs; dropped 1 inputs with a single output and 1 whose outputs are all the same" in dpo.output
     pairs = read_jsonl(tmp_path / "pairs.jsonl")
@@ -144,27 +148,27 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_model_dir, reward_models,
     rm = ["--eval_task", "rm", "--output_path", str(out)]
 
     # --iter past the end of the data: its own exit status, which the loop scripts stop on
-    past = run(launch_cmd(MODULE, ["--eval_task", "generate", "--pretrain", tiny_model_dir, "--dataset",
-                                   str(DATA / "prompts.jsonl"), "--input_key", "prompt", "--iter", "4",
-                                   "--rollout_batch_size", "50", "--output_path", str(out)], ranks=0))
+    past = run_module(MODULE, ["--eval_task", "generate", "--pretrain", tiny_model_dir, "--dataset",
+                               str(DATA / "prompts.jsonl"), "--input_key", "prompt", "--iter", "4",
+                               "--rollout_batch_size", "50", "--output_path", str(out)])
     assert past.returncode == 3
     assert "--iter 4 is past the end of the data: it starts at row 200" in one_error_line(past.output)
 
     # a causal LM is not a reward model
-    no_head = run(launch_cmd(MODULE, [*rm, "--pretrain", tiny_model_dir, "--dataset", str(answers)], ranks=0))
+    no_head = run_module(MODULE, [*rm, "--pretrain", tiny_model_dir, "--dataset", str(answers)])
     assert no_head.returncode == 2
     assert "holds no reward head (no 'score.weight')" in one_error_line(no_head.output)
 
     # answers without their "output"
     bare = tmp_path / "bare.jsonl"
     bare.write_text(json.dumps({"input": "a", "response": "b"}) + "\n")
-    missing = run(launch_cmd(MODULE, [*rm, "--pretrain", reward_models["raw"], "--dataset", str(bare)], ranks=0))
+    missing = run_module(MODULE, [*rm, "--pretrain", reward_models["raw"], "--dataset", str(bare)])
     assert missing.returncode == 2
     assert "no column 'output' (--output_key); columns: input, response" in one_error_line(missing.output)
 
     # iter_dpo needs several answers per input: refused before anything is loaded
-    single = run(launch_cmd(MODULE, [*rm, "--pretrain", reward_models["raw"], "--dataset", str(answers),
-                                     "--post_processor", "iter_dpo", "--best_of_n", "1"], ranks=0))
+    single = run_module(MODULE, [*rm, "--pretrain", reward_models["raw"], "--dataset", str(answers),
+                                 "--post_processor", "iter_dpo", "--best_of_n", "1"])
     assert single.returncode == 2
     assert "iter_dpo compares several answers per input: --best_of_n 1" in one_error_line(single.output)
     assert not out.exists()

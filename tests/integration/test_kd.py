@@ -1,12 +1,16 @@
-"""train_kd end to end on 2 CPU ranks: a kill -9 then rerun ends with the same weights to the bit, the
-distillation loss falls, and a teacher with another tokenizer is refused in one line."""
+"""train_kd end to end on 2 CPU ranks: the same command, started in a fresh folder holding a copy of an
+uninterrupted run's step-4 checkpoint, resumes there and ends with that run's weights to the bit; the
+distillation loss falls; and a teacher with another tokenizer is refused in one line. (A kill -9 of the
+same Trainer and Checkpointer is test_sft_resume.py's and test_fault_tolerance.py's.)"""
 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+from forked import run_module
 from launch import assert_bitwise_equal, committed, launch_cmd, run, weights
 from test_sft_errors import assert_one_error
 
@@ -33,19 +37,18 @@ def teacher_dir(tmp_path_factory, tiny_tokenizer_dir) -> str:
                             seed=1)
 
 
-def test_kd_kill9_then_rerun_gives_identical_weights(tmp_path, tiny_dropout_model_dir, teacher_dir, sft_data):
-    ref_out = tmp_path / "ref_out"
-    ref = run(launch_cmd(MODULE, kd_args(tiny_dropout_model_dir, teacher_dir, sft_data, tmp_path / "ref_ckpt",
+def test_kd_resumed_from_a_copied_checkpoint_gives_identical_weights(tmp_path, tiny_dropout_model_dir,
+                                                                     teacher_dir, sft_data):
+    ref_out, ref_ckpt = tmp_path / "ref_out", tmp_path / "ref_ckpt"
+    ref = run(launch_cmd(MODULE, kd_args(tiny_dropout_model_dir, teacher_dir, sft_data, ref_ckpt,
                                          ref_out, "--kd_loss", "reverse", "--kd_coef", "1")))
     assert ref.returncode == 0, ref.output[-3000:]
     kd = [float(m) for m in re.findall(r"^step \d+/\d+ .*? kd_loss ([0-9.e+-]+)", ref.output, re.M)]
     assert kd[-1] < kd[0], "pure distillation (--kd_coef 1) moves the student towards the teacher"
+    assert committed(ref_ckpt) == ["global_step4", "global_step8", "global_step12"]
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    cmd = launch_cmd(MODULE, kd_args(tiny_dropout_model_dir, teacher_dir, sft_data, ckpt, out, "--kd_loss", "reverse",
-                                     "--kd_coef", "1"))
-    first = run(cmd, kill_when="step 6/12")
-    assert first.returncode != 0 and committed(ckpt)[-1] == "global_step4"
+    shutil.copytree(ref_ckpt / "global_step4", ckpt / "global_step4")
     second = run(launch_cmd(MODULE, kd_args(tiny_dropout_model_dir, teacher_dir, sft_data, ckpt, out,
                                             "--kd_loss", "reverse", "--kd_coef", "1")))
     assert second.returncode == 0, second.output[-3000:]
@@ -58,7 +61,7 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_model_dir, sft
 
     build_tiny_tokenizer(str(tmp_path / "tok"), example_texts(), vocab_size=300)
     teacher = build_tiny_model(str(tmp_path / "teacher"), str(tmp_path / "tok"))
-    res = run(launch_cmd(MODULE, kd_args(tiny_model_dir, teacher, sft_data, tmp_path / "ckpt", tmp_path / "out"),
-                         ranks=0), timeout=180)
+    res = run_module(MODULE, kd_args(tiny_model_dir, teacher, sft_data, tmp_path / "ckpt", tmp_path / "out"),
+                     timeout=180)  # one process, forked from this one
     assert_one_error(res, f"--teacher_model {teacher}: its tokenizer differs from --pretrain's",
                      "vocabulary sizes 512 and 300")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked import run_module
 from launch import DATA, assert_bitwise_equal, committed, launch_cmd, run, weights
 from test_sft_errors import assert_one_error
 
@@ -118,16 +119,17 @@ def test_ppo_bad_input_is_one_line(tmp_path, tiny_model_dir, tiny_dropout_model_
     build_tiny_tokenizer(str(tmp_path / "tok"), example_texts(), vocab_size=300)
     other_rm = build_reward_model(str(tmp_path / "other_rm"), build_tiny_model(str(tmp_path / "other"),
                                                                                 str(tmp_path / "tok")))
-    res = run(launch_cmd(MODULE, args("--reward_pretrain", other_rm), ranks=0), timeout=300)
+    # one process each, forked from this one (forked.py: the imports are paid once)
+    res = run_module(MODULE, args("--reward_pretrain", other_rm), timeout=300)
     assert_one_error(res, f"--reward_pretrain {other_rm}: its tokenizer differs from --pretrain's",
                      "vocabulary sizes 512 and 300", "--allow_tokenizer_mismatch")
     # with the flag, that reward model scores the decoded text (two steps, one process)
-    res = run(launch_cmd(MODULE, args("--reward_pretrain", other_rm, "--allow_tokenizer_mismatch", "--max_samples",
-                                      "16", "--num_episodes", "1", "--save_steps", "-1"), ranks=0), timeout=300)
+    res = run_module(MODULE, args("--reward_pretrain", other_rm, "--allow_tokenizer_mismatch", "--max_samples",
+                                  "16", "--num_episodes", "1", "--save_steps", "-1"), timeout=300)
     assert res.returncode == 0, res.output[-3000:]
     assert len(rewards(res.output)) == 2
-    res = run(launch_cmd(MODULE, args("--prompt_max_len", "3"), ranks=0), timeout=300)
+    res = run_module(MODULE, args("--prompt_max_len", "3"), timeout=300)
     assert_one_error(res, f"--prompt_data {prompts}: all 32 prompts are empty or longer than --prompt_max_len 3")
-    res = run(launch_cmd(MODULE, args("--micro_rollout_batch_size", "5"), ranks=0), timeout=300)
+    res = run_module(MODULE, args("--micro_rollout_batch_size", "5"), timeout=300)
     assert_one_error(res, "--rollout_batch_size 8 x --n_samples_per_prompt 4 = 32 samples must be a multiple of "
                           "--micro_rollout_batch_size 5 x world size 1 = 5")

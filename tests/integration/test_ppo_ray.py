@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked import run_module
 from launch import REPO, Result, env, free_port, launch_cmd, run
 
 pytestmark = pytest.mark.slow
@@ -195,9 +196,11 @@ def test_ray_ppo_job_learns_and_survives_kills_preemption_bitwise(tmp_path, ray_
     assert_same(weights(out), weights(ref_out))
 
 
-def ray_error(cmd: list[str], tmp: Path, cluster: dict[str, str] | None, **extra: str) -> str:
+def ray_error(args: list[str], tmp: Path, cluster: dict[str, str] | None, **extra: str) -> str:
+    """``python -m train_ppo_ray args``, forked from this process (forked.py: the imports are paid once),
+    outside any cluster or joining ``cluster``: one error line, no traceback."""
     extra_env = ray_env(cluster, tmp, **extra) if cluster else {"RAY_ADDRESS": "", **extra}
-    res: Result = run(cmd, timeout=300, **extra_env)
+    res: Result = run_module(MODULE, args, timeout=300, **extra_env)
     assert res.returncode != 0, res.output[-3000:]
     errors = [line for line in res.output.splitlines() if line.startswith(("error:", "train_ppo_ray: error:"))]
     assert len(errors) == 1 and "Traceback" not in res.output, res.output[-3000:]
@@ -209,7 +212,7 @@ def test_ray_ppo_bad_input_is_one_line(tmp_path, ray_cluster, ray_models):
     base = ray_args(ray_models, ckpt, out)
 
     def with_flags(*flags: str) -> list[str]:
-        return launch_cmd(MODULE, [*base, *flags], ranks=0)
+        return [*base, *flags]
 
     # before any cluster is touched: colocation of unequal groups, a rollout that does not split
     line = ray_error(with_flags("--colocate_actor_ref"), tmp_path, None)

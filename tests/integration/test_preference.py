@@ -1,11 +1,14 @@
 """train_rm, train_dpo and train_kto end to end on 2 CPU ranks: each learns the shipped preference data
-(chosen answers open with "Certainly!", rejected ones with "Whatever." and are scrambled), and a run
-killed with -9 then rerun with the same command ends with the same weights to the bit."""
+(chosen answers open with "Certainly!", rejected ones with "Whatever." and are scrambled), and the same
+command, started in a fresh folder that holds a copy of the run's step-6 checkpoint, resumes there and ends
+with the same weights to the bit. (A kill -9 of the same Trainer and Checkpointer, at every step and
+inside a save, is test_sft_resume.py's and test_fault_tolerance.py's.)"""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,15 +44,15 @@ def evals(output: str, name: str) -> list[float]:
     return [float(m) for m in re.findall(rf"{name} (-?[0-9.e+-]+)", output)]
 
 
-def kill_then_resume(module: str, args_for, tmp_path: Path) -> tuple[Path, str]:
-    """Uninterrupted run, then the same command killed at step 7 and rerun; the weights must match."""
-    ref_out = tmp_path / "ref_out"
-    ref = run(launch_cmd(module, args_for(tmp_path / "ref_ckpt", ref_out)))
+def resume_from_a_copy(module: str, args_for, tmp_path: Path) -> tuple[Path, str]:
+    """Uninterrupted run, then the same command in a fresh folder holding only a copy of that run's step-6
+    checkpoint: it resumes there, and the weights must match."""
+    ref_out, ref_ckpt = tmp_path / "ref_out", tmp_path / "ref_ckpt"
+    ref = run(launch_cmd(module, args_for(ref_ckpt, ref_out)))
     assert ref.returncode == 0, ref.output[-3000:]
+    assert committed(ref_ckpt) == ["global_step6", "global_step9", "global_step12"]  # --max_ckpt_num 3
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    first = run(launch_cmd(module, args_for(ckpt, out)), kill_when="step 7/12")
-    assert first.returncode != 0 and not out.exists()
-    assert committed(ckpt)[-1] == "global_step6"
+    shutil.copytree(ref_ckpt / "global_step6", ckpt / "global_step6")
     second = run(launch_cmd(module, args_for(ckpt, out)))
     assert second.returncode == 0, second.output[-3000:]
     assert "step 6/12, epoch 0, 48 samples consumed" in second.output
@@ -62,7 +65,7 @@ def test_rm_learns_resumes_bitwise_and_loads_back(tmp_path, tiny_dropout_model_d
         return [*common(tiny_dropout_model_dir, ckpt, out, zero=2), "--dataset", str(pref_data["pairs"]),
                 "--eval_dataset", str(pref_data["pairs_eval"]), "--prompt_key", "prompt", "--normalize_reward"]
 
-    out, output = kill_then_resume("openrl_ckpt.cli.train_rm", args_for, tmp_path)
+    out, output = resume_from_a_copy("openrl_ckpt.cli.train_rm", args_for, tmp_path)
     accuracy, gap = evals(output, "eval_acc"), evals(output, "eval_reward_gap")
     assert accuracy[-1] > 0.9 and gap[-1] > gap[0], output[-3000:]
 
@@ -86,7 +89,7 @@ def test_dpo_learns_and_resumes_bitwise_under_zero3(tmp_path, tiny_dropout_model
                 "--eval_dataset", str(pref_data["pairs_eval"]), "--prompt_key", "prompt", "--beta", "0.1",
                 "--ref_offload", "--nll_loss_coef", "0.1"]
 
-    _, output = kill_then_resume("openrl_ckpt.cli.train_dpo", args_for, tmp_path)
+    _, output = resume_from_a_copy("openrl_ckpt.cli.train_dpo", args_for, tmp_path)
     accuracy, margin = evals(output, "eval_reward_acc"), evals(output, "eval_reward_margin")
     assert accuracy[-1] > 0.9 and margin[-1] > margin[0] > 0, output[-3000:]
 
@@ -99,7 +102,7 @@ def test_kto_learns_and_resumes_bitwise(tmp_path, tiny_dropout_model_dir, pref_d
                 "--eval_dataset", str(pref_data["kto_eval"]), "--unpaired_preference", "--input_key", "prompt",
                 "--output_key", "completion", "--label_key", "label", "--input_template", "", "--beta", "0.1"]
 
-    _, output = kill_then_resume("openrl_ckpt.cli.train_kto", args_for, tmp_path)
+    _, output = resume_from_a_copy("openrl_ckpt.cli.train_kto", args_for, tmp_path)
     assert "desirable and" in output and "undesirable answers" in output
     good, bad = evals(output, "eval_desirable_logratio"), evals(output, "eval_undesirable_logratio")
     # the policy raised desirable answers above the reference and lowered undesirable ones

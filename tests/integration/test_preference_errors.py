@@ -1,5 +1,6 @@
 """Bad input to train_rm / train_dpo / train_kto: one ``error:`` line naming the culprit and a non-zero
-exit, or, for recoverable data problems, a warning with the count and a finished run."""
+exit, or, for recoverable data problems, a warning with the count and a finished run. Each case is one
+process: ``python -m`` forked from this one (forked.py: the imports are paid once)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from launch import DATA, launch_cmd, run
+from forked import run_module
+from launch import DATA
 from test_sft_errors import assert_one_error
 
 pytestmark = pytest.mark.slow
@@ -26,7 +28,7 @@ def launch(module: str, model: str, data: Path, tmp: Path, *extra: str):
     args = ["--pretrain", model, "--dataset", str(data), "--max_len", "128", "--train_batch_size", "2",
             "--micro_train_batch_size", "2", "--max_epochs", "1", "--save_path", str(tmp / "out"),
             "--ckpt_path", str(tmp / "ckpt"), *extra]
-    return run(launch_cmd(f"openrl_ckpt.cli.{module}", args, ranks=0), timeout=180)
+    return run_module(f"openrl_ckpt.cli.{module}", args, timeout=180)
 
 
 @pytest.mark.parametrize("module", ["train_rm", "train_dpo", "train_kto"])

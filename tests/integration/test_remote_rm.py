@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked import run_module
 from launch import DATA, REPO, assert_bitwise_equal, committed, env, free_port, launch_cmd, run, weights
 from test_sft_errors import assert_one_error
 
@@ -78,27 +79,18 @@ def raw_rewards(model: str, texts: list[str]) -> list[float]:
                                                                                       2048)]
 
 
-def test_serve_rm_scores_and_batch_inference_reads_it(tmp_path, reward_model):
-    port = free_port()
-    rows = [json.loads(line) for line in (DATA / "preference.jsonl").read_text().splitlines()[:6]]
-    data = tmp_path / "answers.jsonl"
-    data.write_text("".join(json.dumps({"input": r["prompt"], "output": r["chosen"]}) + "\n" for r in rows))
-    url = f"http://127.0.0.1:{port}/get_reward"
-    with serve_rm(reward_model, port):
-        texts = [r["prompt"] + r["chosen"] for r in rows]
-        request = urllib.request.Request(url, data=json.dumps({"query": texts}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            served = json.loads(response.read())["rewards"]
-        res = run(launch_cmd("openrl_ckpt.cli.batch_inference", [
-            "--eval_task", "rm", "--remote_rm_url", url, "--dataset", str(data), "--input_key", "input",
-            "--output_key", "output", "--output_path", str(tmp_path / "scored.jsonl"), "--micro_batch_size", "4"],
-            ranks=0))
-    assert res.returncode == 0, res.output[-3000:]
-    assert served == pytest.approx([(r - MEAN) / STD for r in raw_rewards(reward_model, texts)], abs=1e-5)
-    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
-    assert [s["reward"] for s in scored] == pytest.approx(served, abs=1e-6)
-    assert [s["input"] for s in scored] == [r["prompt"] for r in rows]
+@pytest.fixture(scope="module")
+def rm_port() -> int:
+    """The one port of this module's reward servers: the dying one, then the healthy one."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def healthy_server(reward_model, rm_port) -> Iterator[str]:
+    """One healthy serve_rm for the module (its URL). The PPO test runs first and asks for it only once its
+    dying server is gone, so both serve the same --remote_rm_url; the scoring test reuses it."""
+    with serve_rm(reward_model, rm_port):
+        yield f"http://127.0.0.1:{rm_port}/get_reward"
 
 
 def ppo_cmd(actor: str, url: str, prompts: Path, ckpt: Path, out: Path) -> list[str]:
@@ -114,12 +106,13 @@ def ppo_cmd(actor: str, url: str, prompts: Path, ckpt: Path, out: Path) -> list[
         "--save_path", str(out), "--seed", "11"])
 
 
-def test_ppo_with_a_reward_server_that_dies_resumes_bitwise(tmp_path, tiny_dropout_model_dir, reward_model):
+def test_ppo_with_a_reward_server_that_dies_resumes_bitwise(tmp_path, tiny_dropout_model_dir, reward_model, rm_port,
+                                                            request):
     prompts = tmp_path / "prompts.jsonl"
     rows = [json.loads(line) for line in (DATA / "prompts.jsonl").read_text().splitlines()[:16]]
     prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": str(i)}) + "\n"
                                for i, r in enumerate(rows)))
-    port = free_port()
+    port = rm_port
     url = f"http://127.0.0.1:{port}/get_reward"
     # the server dies at its 5th request: the first of step 3 (2 ranks x 2 steps before it)
     with serve_rm(reward_model, port, OPENRL_FAULT="reward_request@5:kill"):
@@ -129,11 +122,32 @@ def test_ppo_with_a_reward_server_that_dies_resumes_bitwise(tmp_path, tiny_dropo
     from openrl_ckpt.checkpoint.inspect import verify
 
     assert verify(tmp_path / "ckpt" / "global_step2") == []
-    with serve_rm(reward_model, port):
-        resumed = run(ppo_cmd(tiny_dropout_model_dir, url, prompts, tmp_path / "ckpt", tmp_path / "out"))
-        reference = run(ppo_cmd(tiny_dropout_model_dir, url, prompts, tmp_path / "ref_ckpt", tmp_path / "ref_out"))
+    # the server is back on the same port: the module's healthy one, started now (the dying one held the port)
+    assert request.getfixturevalue("healthy_server") == url
+    resumed = run(ppo_cmd(tiny_dropout_model_dir, url, prompts, tmp_path / "ckpt", tmp_path / "out"))
+    reference = run(ppo_cmd(tiny_dropout_model_dir, url, prompts, tmp_path / "ref_ckpt", tmp_path / "ref_out"))
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert reference.returncode == 0, reference.output[-3000:]
     assert "resumed" in resumed.output.lower() and "global_step2" in resumed.output, resumed.output[-3000:]
     assert committed(tmp_path / "ckpt")[-1] == "global_step4"
     assert_bitwise_equal(weights(tmp_path / "out"), weights(tmp_path / "ref_out"))
+
+
+def test_serve_rm_scores_and_batch_inference_reads_it(tmp_path, reward_model, healthy_server):
+    rows = [json.loads(line) for line in (DATA / "preference.jsonl").read_text().splitlines()[:6]]
+    data = tmp_path / "answers.jsonl"
+    data.write_text("".join(json.dumps({"input": r["prompt"], "output": r["chosen"]}) + "\n" for r in rows))
+    url = healthy_server
+    texts = [r["prompt"] + r["chosen"] for r in rows]
+    request = urllib.request.Request(url, data=json.dumps({"query": texts}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        served = json.loads(response.read())["rewards"]
+    res = run_module("openrl_ckpt.cli.batch_inference", [  # one process, forked from this one (forked.py)
+        "--eval_task", "rm", "--remote_rm_url", url, "--dataset", str(data), "--input_key", "input",
+        "--output_key", "output", "--output_path", str(tmp_path / "scored.jsonl"), "--micro_batch_size", "4"])
+    assert res.returncode == 0, res.output[-3000:]
+    assert served == pytest.approx([(r - MEAN) / STD for r in raw_rewards(reward_model, texts)], abs=1e-5)
+    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert [s["reward"] for s in scored] == pytest.approx(served, abs=1e-6)
+    assert [s["input"] for s in scored] == [r["prompt"] for r in rows]

@@ -1,5 +1,8 @@
 """Bad input to train_sft: one ``error:`` line naming the culprit, a non-zero exit, no traceback,
-no rank left hanging, and no checkpoint deleted or changed."""
+no rank left hanging, and no checkpoint deleted or changed.
+
+One-process cases run as ``python -m`` forked from this process (forked.py: the imports are paid once);
+the cases on 2 ranks are real ``deepspeed`` launches."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from forked import run_module
 from launch import DATA, committed, launch_cmd, run
 
 pytestmark = pytest.mark.slow
@@ -27,6 +31,8 @@ def sft_args(model: str, data: Path | str, tmp: Path, *extra: str, ckpt: Path | 
 
 
 def launch(args: list[str], ranks: int = 0):
+    if ranks == 0:
+        return run_module(MODULE, args, timeout=TIMEOUT)
     return run(launch_cmd(MODULE, args, ranks=ranks), timeout=TIMEOUT)
 
 

@@ -2,7 +2,8 @@
 packing, data formats, bf16, gradient checkpointing, Adam offload, and the progress line.
 
 Every launch is short (tiny model, a few steps, one epoch); launches shared by several tests are
-module-scoped fixtures, so each runs once.
+module-scoped fixtures, so each runs once. The two one-process runs are ``python -m`` forked from this
+process (forked.py: the same run, without paying the imports again).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked import run_module
 from launch import DATA, Result, assert_bitwise_equal, launch_cmd, run, weights
 
 pytestmark = pytest.mark.slow
@@ -159,7 +161,7 @@ def test_single_process_zero2_with_eval_tensorboard_wandb_and_no_interim_checkpo
         "--use_wandb", "True", "--save_steps", "-1", "--ckpt_path", str(ckpt)))
     args[args.index("--train_batch_size") + 1] = "4"
     args[args.index("--micro_train_batch_size") + 1] = "4"
-    result = run(launch_cmd(SFT, args, ranks=0), WANDB_MODE="offline", WANDB_DIR=str(wandb_dir))
+    result = run_module(SFT, args, WANDB_MODE="offline", WANDB_DIR=str(wandb_dir))
     assert_ok(result)
     assert_hf_folder(out)
 
@@ -222,7 +224,7 @@ def test_parquet_and_saved_dataset_blended_with_chat_template_and_max_samples(tm
             "--apply_chat_template", "--input_key", "messages", "--max_samples", "24", "--max_len", "512",
             "--train_batch_size", "8", "--micro_train_batch_size", "4", "--max_epochs", "1",
             "--learning_rate", "1e-3", "--zero_stage", "2", "--save_path", str(out), "--logging_steps", "1"]
-    result = run(launch_cmd(SFT, args, ranks=0))
+    result = run_module(SFT, args)
     assert_ok(result)
     data_line = result.lines("train data:")
     assert len(data_line) == 1 and "total=24, kept=24," in data_line[0], data_line
