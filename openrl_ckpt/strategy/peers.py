@@ -115,8 +115,9 @@ def describe_failure(error: BaseException) -> tuple[str, bool]:
         if lost:
             what = f"lost {watch.name(lost)} (its heartbeat stopped)"
         elif timed_out:
-            what = (f"no rank joined a collective within --collective_timeout_mins {minutes:g}, though every "
-                    f"rank's heartbeat goes on (a rank is stuck: in I/O, or in a collective the others skipped)")
+            what = (f"the other ranks did not join a collective within --collective_timeout_mins {minutes:g}, "
+                    f"though every rank's heartbeat goes on (one is stuck: in I/O, or in a collective the others "
+                    f"skipped)")
         else:
             what = "a peer closed its connection"
     if timed_out and lost:
