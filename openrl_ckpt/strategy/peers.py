@@ -24,6 +24,7 @@ log = logging.getLogger("openrl_ckpt")
 
 BEAT_SECONDS = 1.0
 _KEY = "openrl_ckpt/heartbeat/{}"
+_SAID_KEY = "openrl_ckpt/failure_said"
 # What torch and gloo/NCCL say when a collective fails because of a peer, not because of the caller.
 _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
 _TIMED_OUT = ("Timed out waiting", "timed out", "Timeout", "Watchdog caught collective operation timeout")
@@ -65,6 +66,13 @@ class PeerWatch:
         lost = [r for r, b, a in zip(others, before, after) if a == b]
         return lost, [r for r in others if r not in lost]
 
+    def first_to_say(self) -> bool | None:
+        """Whether this rank is the first to report the failure (one line per job); None without a store."""
+        try:
+            return self._store.add(_SAID_KEY, 1) == 1
+        except Exception:
+            return None
+
     def name(self, ranks: list[int]) -> str:
         by_host: dict[str, list[int]] = {}
         for r in ranks:
@@ -96,8 +104,9 @@ def is_collective_failure(error: BaseException) -> bool:
 
 
 def describe_failure(error: BaseException) -> tuple[str, bool]:
-    """The one line a collective failure gets, and whether this rank is the one to print it (the lowest
-    surviving rank, so a job with many survivors says it once)."""
+    """The one line a collective failure gets, and whether this rank is the one to print it: the first
+    rank to claim it in the store (a stuck rank never fails, so the lowest rank may not be the one), else
+    the lowest surviving rank; a job with many survivors says it once."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     cause = next((s for s in _LOST_PEER + _TIMED_OUT if s in text), text[:160])
     watch = _watch
@@ -122,7 +131,9 @@ def describe_failure(error: BaseException) -> tuple[str, bool]:
             what = "a peer closed its connection"
     if timed_out and lost:
         what += f"; the collective timed out after --collective_timeout_mins {minutes:g}"
-    survivors = [r for r in range(watch.world_size) if r not in lost]  # this rank among them
     message = (f"{what}: the collective failed on rank {watch.rank} ({cause}); the run stops. Rerun the same "
                f"command (with --load_checkpoint) to resume from the newest checkpoint")
-    return message, watch.rank == min(survivors)
+    first = watch.first_to_say() if silent is not None else None
+    if first is None:  # no store to agree through: the lowest surviving rank says it
+        first = watch.rank == min(r for r in range(watch.world_size) if r not in lost)
+    return message, first
