@@ -23,7 +23,7 @@ import time
 import traceback
 import warnings
 
-from launch import REPO, Result, env
+from launch import REPO, Result, env, launch_cmd, run
 
 # the interpreter's own warning filters (python -W default is what a fresh process starts with)
 _FRESH_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
@@ -34,7 +34,13 @@ _FRESH_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", Deprec
 def run_module(module: str, args: list[str], *, timeout: float = 300, **env_extra: str) -> Result:
     """Fork, make the child look like a fresh ``python -m module args`` (environment of launch.env, cwd
     the repository, stdout and stderr into one file, logging, warnings and one torch thread as a new
-    process has them), run the module as ``__main__``, and return its exit status and output."""
+    process has them), run the module as ``__main__``, and return its exit status and output. After a test
+    of this process set up torch.distributed or vLLM (the in-process engine test), a fork would inherit them
+    (a child then crashed at exit, SIGSEGV): such a run is a real ``python -m`` launch instead."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() or "vllm" in sys.modules:
+        return run(launch_cmd(module, args, ranks=0), timeout=timeout, **env_extra)
     importlib.import_module(module)  # the imports, once, in this process; the child inherits them
     with tempfile.TemporaryFile() as out:
         pid = os.fork()
