@@ -105,10 +105,7 @@ def on_rank_0(strategy: DeepspeedStrategy, fn: Callable[[], Any]) -> Any:
             result = fn()
         except UserError as e:
             err = str(e)
-    if strategy.world_size > 1:
-        from openrl_ckpt.checkpoint.comm import TorchDistComm
-
-        err = TorchDistComm().broadcast_object(err)
+    err = strategy.broadcast_object(err)
     if err:
         raise UserError(err)
     return result

@@ -119,7 +119,7 @@ def load_engines(strategy: DeepspeedStrategy, resumed: Resumed, engines: dict[st
     if elastic and any(needs_universal(resumed.path / name) for name in engines):
         universal = resumed.path.parent / f"{TMP_PREFIX}universal-{resumed.path.name}"
         err = _convert(strategy, resumed, list(engines), universal) if strategy.is_rank_0 else None
-        err = TorchDistComm().broadcast_object(err)
+        err = strategy.broadcast_object(err)
         if err:
             raise CheckpointError(err)
     for name, engine in engines.items():
